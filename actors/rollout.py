@@ -18,6 +18,7 @@ from actors.tools import ToolPool, ToolPoolConfig, ToolRequest
 from actors.weight_sync import WeightUpdate, accept_update, reload_in_worker
 from policies.episode import (
     EpisodeSettings, GenerationRequest, GenerationResult, rollout_stats, run_episodes, start_episodes,
+    start_video_episodes,
 )
 from policies.trajectory import Trajectory
 
@@ -26,13 +27,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptTask:
-    """One prompt to roll out G times; the original image travels as an object-store reference."""
+    """One prompt to roll out G times; the original image travels as an object-store reference.
+
+    A video question (`is_video`) carries `video` instead of an image: a `visual_ops.VideoSource`
+    (or an ObjectRef of one) whose `frame_indices` are the N frames to show; `image_ref` is unused."""
 
     qid: str
     question: str
     image_ref: Any  # ray.ObjectRef of an HxWx3 uint8 array (full resolution)
     answers: tuple[str, ...]
     is_video: bool = False
+    video: Any = None  # VideoSource or its ObjectRef, when is_video
 
 
 class VLLMEngine:
@@ -109,7 +114,9 @@ class RolloutWorker:
     def __init__(self, model_path: str, rollout_config, tool_config: ToolPoolConfig, dtype: str, seed: int):
         started = time.perf_counter()
         self.config = rollout_config
-        max_images = 1 + rollout_config.max_tool_calls * 8  # a select_frames call returns up to 8 frames
+        # The prompt holds one image, or a video's N frames (as images); a select_frames call returns
+        # up to 8 frames.
+        max_images = max(1, tool_config.budgets.num_video_frames) + rollout_config.max_tool_calls * 8
         self.engine = VLLMEngine(model_path, rollout_config, dtype, seed, max_images)
         self.tools = ToolPool(tool_config)
         self.settings = EpisodeSettings(
@@ -135,6 +142,9 @@ class RolloutWorker:
         started = time.perf_counter()
         episodes = []
         for task in tasks:
+            if task.is_video:
+                episodes.extend(self._video_episodes(task, group_size, seed))
+                continue
             original = Image.fromarray(ray.get(task.image_ref))
             episodes.extend(start_episodes(
                 self.engine.tokenizer, task.qid, task.question, original, task.answers, group_size,
@@ -159,6 +169,20 @@ class RolloutWorker:
         trajectories = run_episodes(episodes, generate, run_tools, self.engine.tokenizer, self.settings)
         return trajectories, rollout_stats(trajectories, generation_s, time.perf_counter() - started,
                                            self.policy_version)
+
+    def _video_episodes(self, task: PromptTask, group_size: int, seed: int | None) -> list:
+        """Decode only the N shown frames (decord, here in the worker) and start the group; the tools
+        get the same VideoSource (by reference when it came as one) for select_frames."""
+        from policies.visual_ops import VideoSource, load_video_frames
+
+        source = ray.get(task.video) if isinstance(task.video, ray.ObjectRef) else task.video
+        if not isinstance(source, VideoSource):
+            raise TypeError(f"{task.qid}: a video task needs a VideoSource, got {type(source).__name__}")
+        frames = load_video_frames(source.video, source.frame_indices)
+        return start_video_episodes(
+            self.engine.tokenizer, task.qid, task.question, frames, task.answers, group_size,
+            self.settings, self.policy_version, tool_source=task.video, seed=seed,
+        )
 
     def update_weights(self, update: WeightUpdate, version: int | None = None) -> dict:
         """Load a published `WeightUpdate` (its bucket references travel inside it) and serve its

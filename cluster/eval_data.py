@@ -461,20 +461,46 @@ def _resolve_video(video_root: Path, folder: str | None, video: str) -> str:
 
 def video_source(record: EvalRecord, num_frames: int = 16):
     """The `policies.visual_ops.VideoSource` of a video record: `num_frames` indices spread evenly
-    over the clip (MVBench's `start`/`end` seconds when given, else the whole video). Opens the
-    container (decord); raises ValueError for a folder of frames or a non-video record."""
+    over the clip (MVBench's `start`/`end` seconds when given, else the whole video).
+
+    A video file is opened (decord reads the container's index; no frame is decoded). A video given
+    as its frames (MVBench's frame folders, e.g. episodic_reasoning at 3 fps; or a parquet row
+    listing frame files) becomes a VideoSource over the frame files in name order. Raises
+    ValueError for a record that is not a video."""
     from policies.visual_ops import VideoSource, _video_reader, sample_frame_indices
 
-    if not record.is_video or record.metadata.get("media_kind") == "frame" or len(record.media_paths) != 1:
-        raise ValueError(f"{record.qid} is not a single video file")
-    with _video_reader(record.media_paths[0]) as reader:
-        total, fps = len(reader), float(reader.get_avg_fps())
+    if not record.is_video or not record.media_paths:
+        raise ValueError(f"{record.qid} is not a video question")
     bound = record.metadata.get("bound")
-    if not bound:
-        return VideoSource(record.media_paths[0], sample_frame_indices(total, num_frames))
+    frame_files = _frame_files(record)
+    if frame_files is not None:
+        total, fps, video = len(frame_files), float(record.metadata.get("fps") or 0.0), frame_files
+        if not total:
+            raise ValueError(f"{record.qid}: the frame folder {record.media_paths[0]} holds no images")
+    else:
+        with _video_reader(record.media_paths[0]) as reader:
+            total, fps = len(reader), float(reader.get_avg_fps())
+        video = record.media_paths[0]
+    if not bound or fps <= 0:
+        return VideoSource(video, sample_frame_indices(total, num_frames))
     first = min(total - 1, max(0, round(bound[0] * fps)))
     last = min(total - 1, max(first, round(bound[1] * fps)))
-    return VideoSource(record.media_paths[0], tuple(first + i for i in sample_frame_indices(last - first + 1, num_frames)))
+    return VideoSource(video, tuple(first + i for i in sample_frame_indices(last - first + 1, num_frames)))
+
+
+_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _frame_files(record: EvalRecord) -> tuple[str, ...] | None:
+    """The record's frame files, or None when its media is one video file."""
+    if len(record.media_paths) > 1:
+        return tuple(record.media_paths)
+    path = Path(record.media_paths[0])
+    if record.metadata.get("media_kind") == "frame" or path.is_dir():
+        return tuple(str(f) for f in sorted(path.iterdir()) if f.suffix.lower() in _FRAME_SUFFIXES)
+    if path.suffix.lower() in _FRAME_SUFFIXES:  # a single frame
+        return (str(path),)
+    return None
 
 
 def is_video_path(path: str) -> bool:

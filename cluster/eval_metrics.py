@@ -8,7 +8,8 @@ Metrics (keys of `summarize(...)["metrics"]`; None when undefined, e.g. no sampl
   `tool_error_rate` (failed operations / operations), `tool_failed_sample_rate` (samples with a
   failed operation), `truncated_rate` (ended by the token or tool-call budget), `response_tokens_mean`,
   `score_with_tools` / `score_without_tools` (the benchmark's per-sample score split by whether the
-  sample used a visual operation), `tool_errors/<kind>` (counts).
+  sample used a visual operation), `tool_errors/<kind>` (counts), `tool_calls/<tool>` (operations
+  per tool: crop_image, select_frames, "unparsed" when no tool name could be read; from the traces).
 - vstar: `accuracy` (over all questions) and `accuracy/<category>`, `n/<category>`.
 - tallyqa: `accuracy` (exact count), `accuracy/complex` (TallyQA-Complex, the paper's number),
   `accuracy/simple`, `n/complex`, `n/simple`.
@@ -45,11 +46,17 @@ class EvalOutcome:
     error_kinds: tuple[str, ...] = ()  # one per failed operation (protocol.ERROR_KINDS)
     finish_reason: str = ""
     response_tokens: int = 0
+    # The trace: one {"name", "ok", "error_kind", "target_image", "box_pixels", "frames"} per operation
+    # (empty when only the counts above are known).
+    operations: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_visual_operations < 0 or not 0 <= self.num_failed_operations <= self.num_visual_operations:
             raise ValueError(f"{self.record.qid}: need 0 <= failed ({self.num_failed_operations}) <= "
                              f"operations ({self.num_visual_operations})")
+        if self.operations and len(self.operations) != self.num_visual_operations:
+            raise ValueError(f"{self.record.qid}: {len(self.operations)} traced operations but "
+                             f"num_visual_operations = {self.num_visual_operations}")
 
 
 def score_outcome(outcome: EvalOutcome) -> dict[str, Any]:
@@ -74,6 +81,7 @@ def score_outcome(outcome: EvalOutcome) -> dict[str, Any]:
         error_kinds=list(outcome.error_kinds),
         finish_reason=outcome.finish_reason,
         response_tokens=outcome.response_tokens,
+        operations=[dict(op) for op in outcome.operations],
         response=outcome.response_text,
     )
     return sample
@@ -139,6 +147,8 @@ def trace_metrics(outcomes: Sequence[EvalOutcome], samples: list[dict]) -> dict[
     }
     kinds = Counter(kind for o in outcomes for kind in o.error_kinds)
     metrics.update({f"tool_errors/{kind}": count for kind, count in sorted(kinds.items())})
+    tools = Counter(op.get("name") or "unparsed" for o in outcomes for op in o.operations)
+    metrics.update({f"tool_calls/{name}": count for name, count in sorted(tools.items())})
     return metrics
 
 

@@ -13,8 +13,14 @@ paper's evaluation budgets are larger than its training ones: set `tools.budgets
 metrics, RaPR and tool statistics (`cluster.eval_metrics`) are printed as a table, written as JSON
 (`--output`, with every sample's response) and logged as one MLflow run (`tracking.*`).
 
-Exit codes: 0 done; 2 bad arguments, config or data, or an unsupported benchmark mode (video
-rollouts, i.e. MVBench, are not wired into the rollout yet: loading and metrics are).
+Video questions (MVBench) go through the same workers and tools: the prompt shows the video as
+N = `tools.budgets.num_video_frames` (16) frames sampled uniformly over the clip (MVBench's
+`start`/`end` when given), each an image at the frame budget, and `select_frames` picks frames of
+those N (`policies.episode.start_video_episodes`). The driver opens each video only to sample the
+frame indices; the encoded file travels through the object store like an image (so workers on
+other nodes need no shared file system) and only the chosen frames are ever decoded.
+
+Exit codes: 0 done; 2 bad arguments, config or data.
 """
 from __future__ import annotations
 
@@ -29,15 +35,10 @@ from collections import deque
 from pathlib import Path
 
 from cluster.config import ConfigError, PixelRayConfig, load_config
-from cluster.eval_data import BENCHMARKS, EvalDataError, EvalRecord, load_eval_set
+from cluster.eval_data import BENCHMARKS, EvalDataError, EvalRecord, load_eval_set, video_source
 from cluster.eval_metrics import EvalOutcome, format_table, summarize
 from cluster.runtime import actor_env_vars, apply_env
 
-VIDEO_NOT_SUPPORTED = (
-    "video rollouts not supported yet: the rollout worker builds image prompts only "
-    "(policies.episode.start_episodes takes one image). {count} video question(s) were loaded and "
-    "checked; their metrics (cluster.eval_metrics) are ready for when video prompts are wired in."
-)
 _SHOWN_MISSING = 5
 
 
@@ -105,6 +106,37 @@ def load_image_array(path: str):
         return np.asarray(image.convert("RGB"))
 
 
+def load_video_source(record: EvalRecord, num_frames: int):
+    """The record's `VideoSource` with its media as encoded bytes (put in the object store like an
+    image): the file of a video, or only the N sampled files of a video given as frames."""
+    from policies.visual_ops import VideoSource
+
+    source = video_source(record, num_frames)
+    if isinstance(source.video, tuple):
+        wanted = sorted(set(source.frame_indices))
+        position = {index: k for k, index in enumerate(wanted)}
+        return VideoSource(tuple(Path(source.video[i]).read_bytes() for i in wanted),
+                           tuple(position[i] for i in source.frame_indices))
+    return VideoSource(Path(source.video).read_bytes(), source.frame_indices)
+
+
+def prompt_task(ray, record: EvalRecord, num_frames: int):
+    """The rollout worker's PromptTask of a record: its image, or its video, in the object store."""
+    from actors.rollout import PromptTask
+
+    if record.is_video:
+        return PromptTask(record.qid, record.question, None, record.golds, is_video=True,
+                          video=ray.put(load_video_source(record, num_frames)))
+    return PromptTask(record.qid, record.question, ray.put(load_image_array(record.media_paths[0])), record.golds)
+
+
+def operation_record(op) -> dict:
+    """A visual operation of a trace as JSON: what was called and on what (its box or frames)."""
+    return {"name": op.name, "ok": op.ok, "error_kind": op.error_kind, "target_image": op.target_image,
+            "box_pixels": list(op.box_pixels) if op.box_pixels else None,
+            "frames": list(op.frames) if op.frames is not None else None}
+
+
 def outcome_of(record: EvalRecord, trajectory) -> EvalOutcome:
     failed = [op for op in trajectory.visual_operations if not op.ok]
     return EvalOutcome(
@@ -115,15 +147,16 @@ def outcome_of(record: EvalRecord, trajectory) -> EvalOutcome:
         error_kinds=tuple(op.error_kind or "unknown" for op in failed),
         finish_reason=trajectory.finish_reason,
         response_tokens=trajectory.num_response_tokens,
+        operations=tuple(operation_record(op) for op in trajectory.visual_operations),
     )
 
 
-def roll_out(ray, workers: list, records: list[EvalRecord], batch_size: int) -> tuple[list[EvalOutcome], dict]:
+def roll_out(ray, workers: list, records: list[EvalRecord], batch_size: int,
+             num_frames: int = 16) -> tuple[list[EvalOutcome], dict]:
     """One greedy trajectory per record, batches spread over the workers (one call in flight per
-    worker, so images enter the object store only as fast as they are used). Outcomes in record order."""
+    worker, so images and videos enter the object store only as fast as they are used; a video
+    shows `num_frames` frames). Outcomes in record order."""
     from tqdm import tqdm
-
-    from actors.rollout import PromptTask
 
     batches = deque(records[start:start + batch_size] for start in range(0, len(records), batch_size))
     idle = list(workers)
@@ -135,8 +168,7 @@ def roll_out(ray, workers: list, records: list[EvalRecord], batch_size: int) -> 
         while batches or pending:
             while batches and idle:
                 batch, worker = batches.popleft(), idle.pop()
-                tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.golds)
-                         for r in batch]
+                tasks = [prompt_task(ray, r, num_frames) for r in batch]
                 reference = worker.rollout.remote(tasks, 1, temperature=0.0, top_p=1.0)
                 pending[reference] = (worker, batch)
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -176,11 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         shown = ", ".join(missing[:_SHOWN_MISSING]) + (" ..." if len(missing) > _SHOWN_MISSING else "")
         print(f"error: {len(missing)} media file(s) not found (set --media-root?): {shown}", file=sys.stderr)
         return 2
-    videos = sum(record.is_video for record in records)
-    if videos:
-        print(f"error: {args.benchmark}: {VIDEO_NOT_SUPPORTED.format(count=videos)}", file=sys.stderr)
-        return 2
-
     logging.basicConfig(level=logging.WARNING)
     apply_env(actor_env_vars(config.device, config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind))
     started = time.perf_counter()
@@ -209,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             for index in range(rollout.num_workers)
         ]
         ray.get([worker.ready.remote() for worker in workers])
-        outcomes, generation = roll_out(ray, workers, records, args.batch_size)
+        outcomes, generation = roll_out(ray, workers, records, args.batch_size,
+                                           config.tools.budgets.num_video_frames)
         tool_pools = ray.get([worker.tool_stats.remote() for worker in workers])
         summary = summarize(args.benchmark, outcomes)
         tracker.log_metrics({f"{args.benchmark}/{name}": value for name, value in summary["metrics"].items()}, 0)

@@ -107,15 +107,61 @@ def start_episodes(
     """
     budgets = settings.budgets
     view = resize_to_budget(original, budgets.min_pixels, budgets.original_max_pixels)
-    prompt = prompt_token_ids(tokenizer, question)
+    return _start_group(
+        qid, prompt_token_ids(tokenizer, question), [view], original if tool_source is None else tool_source,
+        answers, group_size, policy_version, seed, is_video=False, metadata={"original_size": original.size},
+    )
+
+
+def video_frame_views(frames: Sequence, budgets: PixelBudgets) -> list:
+    """The shown frames as the model sees them: each resized to the frame budget (the budget a
+    select_frames result gets too, so a frame looks the same in the prompt and when selected)."""
+    return [resize_to_budget(frame.convert("RGB"), budgets.min_pixels, budgets.frame_max_pixels,
+                             budgets.patch_factor) for frame in frames]
+
+
+def start_video_episodes(
+    tokenizer: Tokenizer,
+    qid: str,
+    question: str,
+    frames: Sequence,  # the N frames shown, full resolution (PIL), in time order
+    answers: Sequence[str],
+    group_size: int,
+    settings: EpisodeSettings,
+    policy_version: int,
+    tool_source,  # a visual_ops.VideoSource whose frame_indices are those N frames (or a reference to one)
+    seed: int | None = None,
+) -> list[Episode]:
+    """G episodes of one video question: the prompt shows the video as its N sampled frames.
+
+    Route (a decision): the frames go to the model as a SEQUENCE OF IMAGES, N image items before
+    the question, each at the frame budget; not as Qwen's video input. Every frame is then one
+    <|image_pad|> like any image, so the engine's image input, the pad expansion of
+    policies.batching, the token budget and the frame observations of select_frames (also images
+    at the frame budget) need no second path, and the layout is the one the SFT data converter
+    uses for `{"video": ...}` items. Frame k of the prompt (1-based) is `tool_source.frame_indices
+    [k - 1]`, the numbering select_frames uses. The video itself is not an image for crop_image:
+    `target_image` counts the images tools return (visual_ops skips video sources).
+    """
+    if not frames:
+        raise ValueError(f"{qid}: a video prompt needs at least one frame")
+    views = video_frame_views(frames, settings.budgets)
+    metadata = {"num_frames": len(frames), "frame_size": frames[0].size}
+    return _start_group(qid, prompt_token_ids(tokenizer, question, num_images=len(views)), views, tool_source,
+                        answers, group_size, policy_version, seed, is_video=True, metadata=metadata)
+
+
+def _start_group(qid: str, prompt: list[int], views: list, source, answers: Sequence[str], group_size: int,
+                 policy_version: int, seed: int | None, is_video: bool, metadata: dict) -> list[Episode]:
+    arrays = [np.asarray(view.convert("RGB")) for view in views]
     episodes = []
     for sample_index in range(group_size):
-        trajectory = Trajectory(qid=qid, sample_index=sample_index, answers=tuple(answers), policy_version=policy_version,
-                                metadata={"original_size": original.size})
+        trajectory = Trajectory(qid=qid, sample_index=sample_index, answers=tuple(answers), is_video=is_video,
+                                policy_version=policy_version, metadata=dict(metadata))
         trajectory.extend(prompt, trainable=False)
-        trajectory.images.append(np.asarray(view.convert("RGB")))
+        trajectory.images.extend(arrays)
         episodes.append(Episode(
-            trajectory=trajectory, sources=[original if tool_source is None else tool_source], view_images=[view],
+            trajectory=trajectory, sources=[source], view_images=list(views),
             seed=None if seed is None else derive_seed(seed, qid, sample_index),
         ))
     return episodes

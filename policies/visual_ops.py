@@ -133,14 +133,18 @@ class ImageSource:
 @dataclass(frozen=True)
 class VideoSource:
     """A video (path or encoded bytes) and the frame indices, in the video's own numbering, of the
-    N frames shown to the model: `select_frames` number k means `frame_indices[k - 1]`."""
+    N frames shown to the model: `select_frames` number k means `frame_indices[k - 1]`. A video
+    given as its frames (a dataset's frame folder) is a tuple of image files (paths or encoded
+    bytes), indexed the same way."""
 
-    video: str | os.PathLike | bytes
+    video: str | os.PathLike | bytes | tuple[str | os.PathLike | bytes, ...]
     frame_indices: tuple[int, ...]
 
     @classmethod
     def sampled(cls, video: str | os.PathLike | bytes, num_frames: int = 16) -> VideoSource:
         """Uniform sampling over the whole video; opens the container, decodes nothing."""
+        if isinstance(video, (list, tuple)):
+            return cls(tuple(video), sample_frame_indices(len(video), num_frames))
         with _video_reader(video) as reader:
             total = len(reader)
         return cls(video, sample_frame_indices(total, num_frames))
@@ -157,16 +161,24 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.linspace(0, total_frames - 1, num_frames).round())
 
 
-def load_video_frames(video: str | os.PathLike | bytes, indices: Sequence[int]) -> list[Image.Image]:
+def load_video_frames(video: str | os.PathLike | bytes | Sequence, indices: Sequence[int]) -> list[Image.Image]:
     """Decode only the frames at `indices`, full resolution, in the order given. The video is never
     decoded whole: decord's `get_batch` seeks to the keyframe before each requested frame and
     decodes from there; the indices are asked for once each, in increasing order, so frames of
-    the same group of pictures are decoded in one pass."""
+    the same group of pictures are decoded in one pass. A video given as a tuple of frame files
+    (paths or encoded bytes) opens only the files at `indices`."""
+    if isinstance(video, (list, tuple)):
+        return [_open_frame(video[int(i)]) for i in indices]
     wanted = sorted(set(int(i) for i in indices))
     with _video_reader(video) as reader:
         frames = reader.get_batch(wanted).asnumpy()
     position = {index: k for k, index in enumerate(wanted)}
     return [Image.fromarray(frames[position[int(i)]]) for i in indices]
+
+
+def _open_frame(item: str | os.PathLike | bytes) -> Image.Image:
+    with Image.open(io.BytesIO(item) if isinstance(item, bytes) else item) as image:
+        return image.convert("RGB")
 
 
 _READER_CACHE_SIZE = 4  # open readers kept per process, for videos given as file paths

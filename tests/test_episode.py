@@ -1,10 +1,12 @@
-"""The rollout workflow with a scripted engine: token bookkeeping, masks, images, limits."""
+"""The rollout workflow with a scripted engine: token bookkeeping, masks, images, limits; image and
+video prompts (no Ray)."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from policies.episode import (
-    EpisodeSettings, GenerationResult, observation_token_ids, run_episodes, start_episodes,
+    EpisodeSettings, GenerationResult, observation_token_ids, prompt_token_ids, run_episodes, start_episodes,
+    start_video_episodes, video_frame_views,
 )
 from policies.visual_ops import PixelBudgets, run_turn
 
@@ -106,3 +108,110 @@ def test_token_budget_counts_expanded_image_tokens(tokenizer):
     assert engine.requests[0][0].max_tokens == 40
     assert len(engine.requests) == 1  # no room left for a second turn
     assert trajectories[0].finish_reason == "length"
+
+
+# --------------------------------------------------------------------------------------------
+# Video questions: the N sampled frames shown as images, select_frames picking among them
+# --------------------------------------------------------------------------------------------
+
+SELECT_CALL = '<tool_call>\n{"name": "select_frames", "arguments": {"target_frames": [3, 7]}}\n'
+
+
+def grey_level(image) -> int:
+    """The fixture video's frame k is grey level 10 k: the frame number a picture shows (lossy codec)."""
+    return round(float(np.asarray(image.convert("L")).mean()) / 10)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    from eval_fixtures import write_video
+
+    from policies.visual_ops import VideoSource
+
+    path = write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames=24, size=64)
+    return VideoSource.sampled(str(path), 16)
+
+
+def video_episodes(tokenizer, settings, video, group_size=1):
+    from policies.visual_ops import load_video_frames
+
+    frames = load_video_frames(video.video, video.frame_indices)
+    return start_video_episodes(tokenizer, "v1", "What happens?", frames, ("A",), group_size, settings,
+                                policy_version=2, tool_source=video)
+
+
+def test_video_prompt_shows_the_sampled_frames_as_images_at_the_frame_budget(tokenizer, video):
+    budgets = PixelBudgets()
+    assert video.frame_indices == (0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23)  # uniform over 24
+    [episode] = video_episodes(tokenizer, EpisodeSettings(budgets=budgets), video)
+    t = episode.trajectory
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert t.is_video and t.metadata["num_frames"] == 16
+    assert t.token_ids == prompt_token_ids(tokenizer, "What happens?", num_images=16)
+    assert t.token_ids.count(pad) == len(t.images) == len(episode.view_images) == 16
+    assert not any(t.loss_mask)
+    text = tokenizer.decode(t.token_ids)
+    assert text.index("<|vision_start|>") < text.rindex("<|vision_end|>") < text.index("What happens?")
+    for view in episode.view_images:
+        assert view.width % 28 == 0 and view.height % 28 == 0
+        assert budgets.min_pixels <= view.width * view.height <= budgets.frame_max_pixels
+    # frame k of the prompt is the video's frame frame_indices[k - 1], in order
+    assert [grey_level(v) for v in episode.view_images] == list(video.frame_indices)
+    assert episode.sources == [video]  # what select_frames reads; the video is not a crop target
+
+
+def test_video_prompt_views_match_video_frame_views(video):
+    from policies.visual_ops import load_video_frames
+
+    budgets = PixelBudgets(frame_max_pixels=4 * 28 * 28, min_pixels=28 * 28)
+    frames = load_video_frames(video.video, video.frame_indices[:2])
+    assert [v.size for v in video_frame_views(frames, budgets)] == [(56, 56)] * 2
+
+
+def test_select_frames_turn_shows_the_chosen_frames_with_their_numbers(tokenizer, video):
+    settings = EpisodeSettings(max_tool_calls=3, budgets=PixelBudgets())
+    engine = ScriptedEngine(tokenizer, [(SELECT_CALL, True), ("\\boxed{A}<|im_end|>", False)])
+    [t] = run_episodes(video_episodes(tokenizer, settings, video), engine, tools(settings.budgets), tokenizer,
+                       settings)
+    [operation] = t.visual_operations
+    assert operation.ok and operation.name == "select_frames" and operation.frames == [3, 7]
+    assert t.finish_reason == "stop" and t.response_text.endswith("\\boxed{A}<|im_end|>")
+    assert "Here are the selected frames (Frame Numbers: 3, 7):" in tokenizer.decode(t.token_ids)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert t.token_ids.count(pad) == len(t.images) == 18
+    # the two returned frames are frames 3 and 7 of the 16 shown, at the frame budget
+    second = engine.requests[1][0]
+    assert len(second.images) == 18
+    assert [grey_level(image) for image in second.images[16:]] == [video.frame_indices[2], video.frame_indices[6]]
+    assert [grey_level(Image.fromarray(a)) for a in t.images[16:]] == [video.frame_indices[2], video.frame_indices[6]]
+    assert second.images[16].size == second.images[2].size  # same budget as in the prompt
+
+
+def test_select_frames_beyond_the_frames_shown_is_an_error_the_episode_survives(tokenizer, video):
+    settings = EpisodeSettings(max_tool_calls=3, budgets=PixelBudgets())
+    beyond = '<tool_call>\n{"name": "select_frames", "arguments": {"target_frames": [17]}}\n'
+    engine = ScriptedEngine(tokenizer, [(beyond, True), ("\\boxed{B}<|im_end|>", False)])
+    [t] = run_episodes(video_episodes(tokenizer, settings, video), engine, tools(settings.budgets), tokenizer,
+                       settings)
+    assert not t.visual_operations[0].ok and t.visual_operations[0].error_kind == "frames_out_of_range"
+    assert len(t.images) == 16 and t.finish_reason == "stop"
+
+
+def test_a_video_trajectory_collates_for_the_learner(tokenizer, tiny_model_dir, video):
+    """Frames are plain images, so policies.batching expands one pad per frame like any image."""
+    from transformers import AutoImageProcessor
+
+    from policies.batching import TrainSample, collate
+
+    settings = EpisodeSettings(max_tool_calls=3, budgets=PixelBudgets())
+    engine = ScriptedEngine(tokenizer, [(SELECT_CALL, True), ("\\boxed{A}<|im_end|>", False)])
+    [t] = run_episodes(video_episodes(tokenizer, settings, video), engine, tools(settings.budgets), tokenizer,
+                       settings)
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    batch = collate([TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, t.images, 1.0)], processor, pad,
+                    tokenizer.pad_token_id or 0)
+    grid = batch.inputs["image_grid_thw"]
+    assert grid.shape[0] == 18
+    assert int((batch.inputs["input_ids"] == pad).sum()) == int(grid.prod(-1).sum()) // 4
+    assert float(batch.loss_mask.sum()) == t.num_response_tokens
