@@ -84,8 +84,13 @@ def collate(samples: list[TrainSample], image_processor, image_pad_id: int, pad_
         mask[row, :n] = torch.tensor(m, dtype=torch.float32)
         old[row, :n] = torch.tensor(lp, dtype=torch.float32)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)[:, None].expand(batch, length - 1)
+    # Marks the image tokens (1) for transformers' Qwen2.5-VL: without it, its forward silently
+    # falls back to 1-D text positions for the whole sequence instead of the 3-D M-RoPE positions
+    # (time, row, column) that vLLM gives image tokens, so learner and engine would disagree on
+    # every token after an image.
+    token_types = (input_ids == image_pad_id).to(torch.int32)
     return ModelBatch(
-        inputs={"input_ids": input_ids, "attention_mask": attention, **vision},
+        inputs={"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": token_types, **vision},
         targets=input_ids[:, 1:],
         loss_mask=mask[:, 1:],
         old_logprobs=old[:, 1:],

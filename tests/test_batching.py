@@ -31,6 +31,11 @@ def test_expansion_matches_the_hf_processor(processor):
     assert torch.equal(batch.inputs["input_ids"], reference["input_ids"])
     assert torch.equal(batch.inputs["image_grid_thw"], reference["image_grid_thw"])
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # Image tokens are typed as the processor types them: without these types transformers gives
+    # the sequence 1-D positions, not the 3-D M-RoPE positions vLLM uses (learner != engine).
+    assert batch.inputs["mm_token_type_ids"].sum() == (batch.inputs["input_ids"] == pad).sum() == 16 * 5 + 4 * 4
+    if "mm_token_type_ids" in reference:
+        assert torch.equal(batch.inputs["mm_token_type_ids"].long(), reference["mm_token_type_ids"].long())
     assert (batch.loss_mask[0][batch.targets[0] == pad] == 0).all()
 
 
