@@ -103,6 +103,25 @@ def preload() -> None:
     import decord  # noqa: F401
 
     Image.core.set_blocks_max(max(Image.core.get_blocks_max(), PIL_BLOCKS_KEPT))
+    _keep_large_allocations()
+
+
+_MALLOC_MMAP_BYTES = 32 << 20  # glibc's ceiling for the mmap threshold
+_MALLOC_TRIM_BYTES = 128 << 20
+
+
+def _keep_large_allocations() -> None:
+    """Serve image-sized allocations (MBs: crops, views, decoded frames) from malloc's heap and keep
+    up to 128 MB of it free for reuse, instead of a fresh mmap per allocation whose pages fault in
+    one by one. glibc raises its mmap threshold by itself once a large block is freed, but not in
+    a process whose image memory PIL recycles (its cached blocks are realloc'ed, never freed), as
+    in a tool executor (150-200 page faults per crop there, ~0 with this). No-op off glibc."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, _MALLOC_MMAP_BYTES)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, _MALLOC_TRIM_BYTES)  # M_TRIM_THRESHOLD
 
 
 def resize_to_budget(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = 28) -> Image.Image:

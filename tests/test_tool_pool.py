@@ -3,6 +3,7 @@ timeouts, with no request lost or duplicated."""
 from __future__ import annotations
 
 import json
+import operator
 import os
 import threading
 import time
@@ -105,6 +106,7 @@ def test_batch_matches_in_process_execution(ray_cluster, pool, original, video_p
     assert after["tool_calls"] - before["tool_calls"] == sum(e is not None for e in expected)
     assert after["errors"] - before["errors"] == sum(e is not None and not e.ok for e in expected)
     assert after["latency_ms_p50"] <= after["latency_ms_p99"]
+    assert after["tasks"] - before["tasks"] < len(requests)  # several calls per Ray task
     assert pool.run([]) == []
 
 
@@ -131,6 +133,59 @@ def test_a_wedged_call_times_out_and_the_pool_recovers(ray_cluster, pool, origin
     for observation, (text, sources) in zip(pool.run(again), again_in_process, strict=True):
         assert_same(observation, run_turn(text, sources, BUDGETS))
     assert pool.stats().get("errors/timeout", 0) == after.get("errors/timeout", 0)
+
+
+def test_a_long_queue_of_healthy_calls_does_not_time_out(ray_cluster, tmp_path):
+    """The timeout is for a call that runs too long, not for one that waits behind others: six
+    calls of ~0.7 s each (each waits for its pipe to be written) in one task, timeout 2 s."""
+    from actors.tools import ToolPool, ToolPoolConfig
+
+    fifos = [str(tmp_path / f"slow-{index}") for index in range(6)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+
+    def feed():
+        for fifo in fifos:
+            time.sleep(0.7)
+            with open(fifo, "wb") as pipe:  # blocks until the executor opens it: one call at a time
+                pipe.write(b"not an image")
+
+    pool = ToolPool(ToolPoolConfig(pool_size=1, calls_per_task=8, call_timeout_s=2.0, budgets=BUDGETS))
+    feeder = threading.Thread(target=feed, daemon=True)
+    try:
+        feeder.start()
+        started = time.monotonic()
+        got = pool.run([(crop_turn([0, 0, 1, 1]), [ImageSource(fifo)]) for fifo in fifos])
+        elapsed = time.monotonic() - started
+        feeder.join(timeout=30)
+        assert [observation.error_kind for observation in got] == ["bad_media"] * 6  # ran, none timed out
+        assert pool.stats()["restarts"] == 0 and elapsed >= 4.0  # the last ones waited longer than 2 s
+    finally:
+        pool.shutdown()
+
+
+class ArrivesBroken:
+    """A source that pickles fine but fails to unpickle in the executor: its whole task fails."""
+
+    def __reduce__(self):
+        return operator.truediv, (1, 0)
+
+
+def test_a_task_that_fails_as_a_whole_costs_only_the_guilty_calls(ray_cluster, pool, original):
+    ray = ray_cluster
+    requests, in_process = crop_batch(ray, original, 6)
+    for index in (1, 4):
+        requests[index] = (requests[index][0], [ArrivesBroken()])
+    before = pool.stats()
+    got = pool.run(requests)
+    for index, (observation, (text, sources)) in enumerate(zip(got, in_process, strict=True)):
+        if index in (1, 4):
+            assert observation.error_kind == "executor_failed"
+        else:  # shared a task with a broken call, then re-ran on its own
+            assert_same(observation, run_turn(text, sources, BUDGETS))
+    after = pool.stats()
+    assert after["calls"] - before["calls"] == 6 and after["errors"] - before["errors"] == 2
+    assert after["resubmissions"] - before["resubmissions"] >= 4  # the broken calls and their task-mates
 
 
 @pytest.mark.parametrize("max_restarts", [3, 0], ids=["restarted-by-ray", "replaced-by-the-pool"])
@@ -198,6 +253,8 @@ def test_returned_images_stay_in_the_object_store_and_serve_later_calls(ray_clus
     pooled = crop.full_images[0]
     assert isinstance(pooled, PooledImage) and pooled.role == "crop"
     assert pooled.size == expected_crop.full_images[0].size and pooled.load().info["pixelray_role"] == "crop"
+    # A crop of an original that went by reference is that reference and the box: no pixels came back.
+    assert pooled.ref == original_ref and pooled.index is None and pooled.box == expected_crop.box_pixels
     assert [(f.role, f.size) for f in frames.full_images] == [("frame", (160, 120))] * 2
 
     crop_view_w, crop_view_h = crop.view_images[0].size
@@ -213,3 +270,12 @@ def test_returned_images_stay_in_the_object_store_and_serve_later_calls(ray_clus
     for observation, (turn, _, in_process) in zip(got, cases, strict=True):
         assert_same(observation, run_turn(turn, in_process, BUDGETS))
     assert got[2].box_pixels == (0, 0, 160, 120)
+
+    # A crop of a crop of a crop: the boxes compose, still by reference to the original.
+    second, (second_turn, _, second_sources) = got[0].full_images[0], cases[0]
+    expected_second = run_turn(second_turn, second_sources, BUDGETS).full_images[0]
+    assert second.ref == original_ref and second.size == expected_second.size
+    third_turn = crop_turn([0.3, 0.2, 0.9, 0.8], target=3)
+    (third,) = pool.run([(third_turn, [original_ref, pooled, second])])
+    assert_same(third, run_turn(third_turn, [original, expected_crop.full_images[0], expected_second], BUDGETS))
+    assert third.full_images[0].ref == original_ref
