@@ -208,12 +208,13 @@ class Learner:
 
         Every rank must call it under ZeRO-3: each bucket's parameters are gathered on all ranks
         (one `GatheredParameters` per bucket of `trainer.weight_sync_bucket_mb`, so at most one
-        bucket is materialised at a time) and rank 0 packs and puts it (actors/weight_sync.py).
+        bucket is materialised at a time) and rank 0 packs and puts it (actors/weight_sync.py), or
+        with `weight_sync_format` "shm" writes it into its ring of shared-memory files.
         Tensors keep their raw bits: bf16 stays bf16.
         """
         import deepspeed
 
-        from actors.weight_sync import MB, StagingBuffer, export_weights
+        from actors.weight_sync import MB, ShmWriter, StagingBuffer, export_weights
 
         named = list(self.engine.module.state_dict(keep_vars=True).items())  # ZeRO-3: the parameters
 
@@ -226,9 +227,19 @@ class Learner:
 
         if getattr(self, "_staging", None) is None:
             self._staging = StagingBuffer()  # kept warm between syncs
+        wire = self.trainer.weight_sync_format
+        if wire == "shm" and self.rank == 0 and getattr(self, "_shm", None) is None:
+            self._shm = ShmWriter(self.trainer.weight_sync_shm_dir, self.trainer.weight_sync_shm_slots)
         return export_weights(named, int(self.trainer.weight_sync_bucket_mb * MB), version,
                               full_shape=full_shape, gather=gather if self.trainer.zero_stage == 3 else None,
-                              publish=self.rank == 0, staging=self._staging, wire=self.trainer.weight_sync_format)
+                              publish=self.rank == 0, staging=self._staging, wire=wire,
+                              shm=getattr(self, "_shm", None))
+
+    def close_weight_sync(self) -> None:
+        """Delete this rank's shared-memory weight files ("shm"); called before the actor is killed."""
+        if getattr(self, "_shm", None) is not None:
+            self._shm.close()
+            self._shm = None
 
     def save_checkpoint(self, deepspeed_dir: str, hf_dir: str) -> None:
         """DeepSpeed state (every rank writes its shard) and HF safetensors (gathered, rank 0).
@@ -379,6 +390,10 @@ class LearnerGroup:
         ray.get([actor.load_checkpoint.remote(deepspeed_dir) for actor in self.actors])
 
     def shutdown(self) -> None:
+        try:  # "shm" files must not outlive the run; ray.kill gives the actor no chance to clean up
+            ray.get([actor.close_weight_sync.remote() for actor in self.actors], timeout=30)
+        except Exception as error:  # noqa: BLE001 - a dead learner: the next ShmWriter sweeps its files
+            logging.getLogger(__name__).warning("closing weight sync files failed: %s", error)
         for actor in self.actors:
             ray.kill(actor)
         if getattr(self, "placement_group", None) is not None:

@@ -6,19 +6,50 @@ CPU path (built, the one that runs here)
   `trainer.weight_sync_bucket_mb` (a tensor larger than that travels alone in its own bucket).
   Under ZeRO-3 every rank joins one `GatheredParameters` per bucket, so at most one bucket of
   full parameters is materialised at a time, and rank 0 packs it.
-- A bucket is ONE object-store put plus a small layout `(name, dtype, shape, offset, nbytes)` per
-  tensor; raw bits (bf16 stays bf16, never widened). Two wire formats (`trainer.weight_sync_format`):
-  - "flat" (default): one contiguous `numpy.uint8` buffer, each tensor at a 64-byte aligned
-    offset, packed through a staging buffer the learner keeps warm between syncs. Two host copies
-    on rank 0 (pack, then the put's copy into shared memory), so it can reach at most half of
-    memcpy; it is the layout the GPU design broadcasts.
+- A bucket is ONE object-store put (or one range of a shared-memory file) plus a small layout
+  `(name, dtype, shape, offset, nbytes)` per tensor; raw bits (bf16 stays bf16, never widened).
+  Three wire formats (`trainer.weight_sync_format`):
+  - "flat": one contiguous `numpy.uint8` buffer, each tensor at a 64-byte aligned offset, packed
+    through a staging buffer the learner keeps warm between syncs. Two host copies on rank 0 (pack,
+    then the put's copy into shared memory), so it can reach at most half of memcpy; it is the
+    layout the GPU design broadcasts.
   - "direct": the bucket's tensors as a list of uint8 views (no pack); Ray writes them back to back
     into ONE object (pickle-5 out-of-band buffers, aligned), one host copy.
-  Either way the engine reads the bucket zero-copy (views into shared memory).
-  Measured (benchmarks/weight_sync.py, 0.5 GB fp32, 2 shared cores at load average ~34): memcpy
-  5.7 GB/s; "direct" 2.1-2.8 GB/s (0.36-0.50x memcpy), "flat" 1.1-1.6 GB/s (0.19-0.28x). A bare
-  `ray.put` of 0.5 GB alone runs at ~0.5x memcpy here (copy into shared memory with 4 KB pages,
-  create/seal round trips with the raylet), which bounds "direct"; "flat" pays the pack copy too.
+  - "shm" (opt-in; SAME NODE ONLY): no object store. Rank 0 owns a `ShmWriter`, a
+    ring of `trainer.weight_sync_shm_slots` (default 2) files in its own directory
+    `<weight_sync_shm_dir>/pixelray-ws-<host>-<pid>-<uuid>/` (default dir /dev/shm; unique per
+    process and run, so two runs on a host never collide). An export writes all its buckets back to
+    back into the next slot file, each laid out exactly like a "flat" bucket (64-byte aligned
+    tensors, `bucket_layout`), copying straight from the (gathered) tensors: one host copy. The
+    writer keeps its slots mapped and rewrites them in place, so after the first `slots` exports no
+    page is allocated or faulted; a slot grows (is re-created under a new name) when an export
+    outgrows it. Buckets travel as `ShmBucket(path, offset, nbytes, token)`; the engine maps each
+    slot file read-only once (`ShmMaps`, kept by the worker process across syncs; a mapping whose
+    file was deleted or replaced is dropped at the next load, and until then keeps that memory) and
+    yields zero-copy views into it, like the other formats.
+    Lifetime: an export is readable until `slots` later exports rewrite its slot. With
+    `max_staleness` k > 0 the driver does not wait for the engines before the next export, and up
+    to k published updates can still be queued on an engine then, so the config requires
+    `slots >= max_staleness + 1` (k = 0: every engine loads before the next export). The slot
+    header carries the export's token; the engine checks it at every bucket and after its load, so
+    a violated bound fails the load loudly instead of serving mixed weights. The files are deleted
+    by `ShmWriter.close()` (`LearnerGroup.shutdown` calls `Learner.close_weight_sync` before
+    `ray.kill`), by a finalizer at a normal process exit, and, after a crash or SIGKILL, by the next
+    `ShmWriter` on the host (`sweep_stale_shm`: directories of this host whose pid is dead). Cost:
+    `slots` x the state dict in /dev/shm. Same node: an engine must share learner rank 0's /dev/shm;
+    `accept_update` compares Ray node ids and refuses an update from another node (and a missing file
+    raises a clear error); there is no automatic fallback: use "direct" across nodes (the
+    qwen2.5-vl-7b preset does).
+  Every format reads the bucket zero-copy on the engine (views into shared memory).
+  Measured (benchmarks/weight_sync.py, 0.505 GB fp32, buckets 16 / 64 / 256 MB / one, median of 5,
+  all formats in the same run against the same memcpy; 2 cores shared with other jobs, 4 runs at
+  load average 12-41; memcpy 5.6-9.2 GB/s): "shm" 2.1-3.5 GB/s = 0.23-0.58x memcpy (best samples
+  3.2-4.9 GB/s), "direct" 2.0-3.4 GB/s = 0.25-0.60x (best 2.3-4.0), "flat" 1.0-1.9 GB/s =
+  0.13-0.32x. Only one run (load 39) had every "shm" size >= 0.5x; the goal is NOT met reliably
+  by any format. The engine side of "shm" is ~2 ms (mapping reused), so the bound is the one copy
+  into 4 KB-page shared memory: idle, a copy from 4 KB-page memory (torch tensors) into a mapped
+  /dev/shm file runs at ~0.63x of the benchmark's memcpy (numpy arrays on transparent huge pages),
+  and the rest is the two driver->actor calls. A bare `ray.put` of 0.5 GB runs at ~0.5x here.
 - `WeightUpdate` = version + bucket references + layouts (a few KB). The driver passes it to every
   engine; the references are nested in it, so they travel as references and each engine fetches
   the buckets itself (same node: a zero-copy read of shared memory; another node: one transfer).
@@ -64,8 +95,15 @@ twice; on GPUs the same buckets go over NCCL instead, with the same layouts and 
 """
 from __future__ import annotations
 
+import mmap
+import os
+import re
+import shutil
+import socket
 import time
+import uuid
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -74,7 +112,10 @@ import numpy as np
 
 ALIGNMENT = 64  # byte offset of every tensor in a bucket: any dtype view of it is aligned
 MB = 1 << 20
-WIRE_FORMATS = ("flat", "direct")
+WIRE_FORMATS = ("flat", "direct", "shm")
+SHM_PREFIX = "pixelray-ws"  # run directories: <shm dir>/pixelray-ws-<host>-<pid>-<uuid>/
+_SHM_MAGIC = 0x3130_5357_5852_5850  # b"PXRWSW01" little-endian: a slot file's header word 0
+_SHM_HEADER = 64  # bytes before the first bucket: magic, token (0 while being written), payload end
 
 
 @dataclass(frozen=True)
@@ -97,12 +138,15 @@ class WeightUpdate:
     """
 
     version: int | None
-    buckets: list[Any]  # one ray.ObjectRef per bucket: a flat uint8 array, or a list of them ("direct")
+    # one entry per bucket: a ray.ObjectRef of a flat uint8 array ("flat") or of a list of per-tensor
+    # uint8 arrays ("direct"), or a `ShmBucket` (a byte range of a shared-memory file, "shm")
+    buckets: list[Any]
     layouts: list[tuple[TensorLayout, ...]]
     bucket_bytes: int  # the limit the buckets were cut with
-    wire: str = "flat"  # "flat": one uint8 buffer per bucket; "direct": a list of per-tensor uint8 views
-    export_s: float = 0.0  # learner rank 0: gather + pack + put, all buckets
+    wire: str = "flat"  # "flat" | "direct" | "shm" (module docstring)
+    export_s: float = 0.0  # learner rank 0: gather + pack + put (or write), all buckets
     stats: dict[str, float] = field(default_factory=dict)
+    node_id: str | None = None  # "shm": the Ray node that wrote the files (engines must be on it)
 
     @property
     def num_tensors(self) -> int:
@@ -120,9 +164,7 @@ class WeightUpdate:
     def tensors(self, get: Callable[[Any], Any] | None = None) -> Iterator[tuple[str, Any]]:
         """(name, tensor) in order, fetching one bucket at a time; zero-copy views into the buckets."""
         if get is None:
-            import ray
-
-            get = ray.get
+            get = _fetcher(ShmMaps())  # "shm": files mapped for this walk only (nothing cached)
         for ref, layout in zip(self.buckets, self.layouts):
             yield from unpack_bucket(get(ref), layout)
 
@@ -264,6 +306,273 @@ def _minor_faults() -> int:
         return 0
 
 
+# --- the "shm" wire format: a ring of shared-memory files (same node only) -----------------------
+
+@dataclass(frozen=True)
+class ShmBucket:
+    """One bucket of the "shm" format: bytes [offset, offset + nbytes) of a slot file, laid out like
+    a "flat" bucket (its `TensorLayout` offsets are relative to `offset`)."""
+
+    path: str
+    offset: int  # a multiple of ALIGNMENT
+    nbytes: int
+    token: int  # the export that wrote it: the slot's header holds it while the data is valid
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale_shm(base: str, host: str | None = None) -> list[str]:
+    """Remove run directories under `base` left by dead processes of this host (a learner killed
+    with SIGKILL cannot clean up; `ray.kill` is one). Returns the removed paths."""
+    host = host or socket.gethostname()
+    pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}-{re.escape(host)}-(\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(os.path.join(base, name))
+    return removed
+
+
+class _Slot:
+    """One slot file, kept mapped read-write by the writer (no page faults after the first use)."""
+
+    def __init__(self, path: str, capacity: int):
+        self.path, self.capacity = path, capacity
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, capacity)  # allocate the pages now, not one fault at a time
+            self.map = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self.map, dtype=np.uint8)
+        self.header = np.frombuffer(self.map, dtype=np.uint64, count=_SHM_HEADER // 8)
+
+    def release(self) -> None:
+        self.array = self.header = None
+        try:
+            self.map.close()
+        except BufferError:  # a caller still holds a view: the mapping goes with it
+            pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class ShmWriter:
+    """Learner rank 0's side of the "shm" wire format: a ring of `slots` files in its own directory
+    `<base>/pixelray-ws-<host>-<pid>-<uuid>/` (unique per process and run: two runs on a host never
+    share one). Export k writes slot k % slots in place, so from the (slots+1)-th export on no page
+    is allocated or faulted any more; a slot file grows (is re-created) when a larger export needs it.
+
+    Lifetime: the files live as long as this writer. `close()` removes the directory (the learner
+    calls it from `LearnerGroup.shutdown`, before `ray.kill`); a finalizer covers a normal process
+    exit, and the next writer on the host removes directories of dead processes (`sweep_stale_shm`).
+    An export stays readable until `slots` further exports: every engine must have loaded it by then
+    (module docstring, "shm").
+    """
+
+    def __init__(self, base: str = "/dev/shm", slots: int = 2, copy_threads: int = 1):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        # >1: the copies split over threads (numpy releases the GIL), as Ray's put does; on this
+        # shared 2-core box 2 threads were +10% idle and slower under load, hence 1 by default
+        self.copy_threads = max(1, copy_threads)
+        self._pool = None
+        if not os.path.isdir(base):
+            raise FileNotFoundError(f"weight sync shared-memory directory {base!r} does not exist")
+        sweep_stale_shm(base)
+        self.base, self.slots = base, slots
+        self.directory = os.path.join(base, f"{SHM_PREFIX}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        os.mkdir(self.directory, 0o700)
+        self._ring: list[_Slot | None] = [None] * slots
+        self._exports = 0
+        self._finalizer = weakref.finalize(self, _remove_tree, self.directory)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def reserve(self, nbytes: int) -> tuple[_Slot, int]:
+        """The next slot, able to hold `nbytes` after the header and marked invalid (token 0) until
+        `commit`; and the token this export will carry."""
+        if self.closed:
+            raise RuntimeError("the ShmWriter is closed")
+        self._exports += 1
+        index = (self._exports - 1) % self.slots
+        slot = self._ring[index]
+        needed = _SHM_HEADER + nbytes
+        if slot is None or slot.capacity < needed:
+            if slot is not None:
+                slot.release()
+            capacity = -(-needed // (2 * MB)) * (2 * MB)
+            slot = self._ring[index] = _Slot(os.path.join(self.directory, f"slot{index}-{self._exports}.bin"),
+                                             capacity)
+        slot.header[:3] = (_SHM_MAGIC, 0, _SHM_HEADER + nbytes)  # invalid while being written
+        return slot, self._exports
+
+    @staticmethod
+    def commit(slot: _Slot, token: int) -> None:
+        slot.header[1] = token  # readers check it before and after loading
+
+    def write(self, tensors: Sequence[tuple[str, Any]], out: np.ndarray, piece: int = 4 * MB
+              ) -> tuple[np.ndarray, tuple[TensorLayout, ...]]:
+        """`pack_bucket` into `out` (a bucket's range of a slot), the copies split in pieces of at
+        most `piece` bytes over `copy_threads` threads."""
+        layout, total = bucket_layout([(name, t.dtype, tuple(t.shape)) for name, t in tensors])
+        if out.nbytes < total:
+            raise ValueError(f"bucket needs {total} bytes, the slot range holds {out.nbytes}")
+        buffer = out[:total]
+        jobs = []
+        for (_, tensor), entry in zip(tensors, layout):
+            if entry.nbytes:
+                raw = _raw_bytes(tensor).numpy()
+                for start in range(0, entry.nbytes, piece):
+                    stop = min(start + piece, entry.nbytes)
+                    jobs.append((buffer[entry.offset + start:entry.offset + stop], raw[start:stop]))
+        if self.copy_threads == 1 or len(jobs) < 2:
+            for dst, src in jobs:
+                np.copyto(dst, src)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="shm-copy")
+
+            def run(share):
+                for dst, src in share:
+                    np.copyto(dst, src)
+
+            shares = [jobs[k::self.copy_threads] for k in range(self.copy_threads)]
+            list(self._pool.map(run, [share for share in shares if share]))
+        return buffer, layout
+
+    def close(self) -> None:
+        """Unmap and delete every file of this writer (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for slot in self._ring:
+            if slot is not None:
+                slot.release()
+        self._ring = [None] * self.slots
+        self._finalizer()
+
+
+class ShmMaps:
+    """A reader's read-only mappings of slot files, by path.
+
+    The engine keeps one instance for the life of its process (`reload_in_worker`), so a slot the
+    writer rewrites in place is mapped once, not at every sync; a mapping is dropped as soon as its
+    file is gone or replaced (checked at every `prune`, i.e. every load). Until then it keeps the
+    file's memory alive even after the writer deleted it (at most `slots` files per writer)."""
+
+    def __init__(self):
+        self._maps: dict[str, tuple[int, int, np.ndarray]] = {}  # path -> (inode, size, uint8 array)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def array(self, path: str) -> np.ndarray:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"weight sync file {path} not found: the \"shm\" wire format needs every engine on learner "
+                f"rank 0's node (sharing its /dev/shm), and the update loaded before `trainer.weight_sync_shm_slots` "
+                f"newer exports; across nodes use weight_sync_format=direct") from None
+        cached = self._maps.get(path)
+        if cached is not None and cached[:2] == (stat.st_ino, stat.st_size):
+            return cached[2]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        array = np.frombuffer(mapping, dtype=np.uint8)  # read-only; owns the mapping
+        self._maps[path] = (stat.st_ino, stat.st_size, array)
+        return array
+
+    def bucket(self, bucket: ShmBucket) -> np.ndarray:
+        """Zero-copy read-only uint8 view of the bucket; checks that the slot still holds its export."""
+        array = self.array(bucket.path)
+        self._check(array, bucket)
+        return array[bucket.offset:bucket.offset + bucket.nbytes]
+
+    def check(self, bucket: ShmBucket) -> None:
+        """Raise if the slot no longer holds `bucket`'s export (rewritten by a later one)."""
+        self._check(self.array(bucket.path), bucket)
+
+    @staticmethod
+    def _check(array: np.ndarray, bucket: ShmBucket) -> None:
+        header = array[:_SHM_HEADER].view(np.uint64)
+        if header[0] != _SHM_MAGIC or int(header[1]) != bucket.token:
+            raise RuntimeError(
+                f"weight sync file {bucket.path} holds export {int(header[1])}, not {bucket.token}: the slot "
+                f"was rewritten before this engine loaded it; raise trainer.weight_sync_shm_slots (>= "
+                f"max_staleness + 1) or use weight_sync_format=direct")
+
+    def prune(self) -> None:
+        """Forget mappings whose file was deleted or replaced (their memory is freed once unused)."""
+        for path, (inode, size, _) in list(self._maps.items()):
+            try:
+                stat = os.stat(path)
+                if (stat.st_ino, stat.st_size) == (inode, size):
+                    continue
+            except FileNotFoundError:
+                pass
+            del self._maps[path]
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+_ENGINE_MAPS = ShmMaps()  # the engine process's mappings, reused across syncs
+
+
+def _fetcher(maps: ShmMaps) -> Callable[[Any], Any]:
+    """A bucket reference -> its contents: an `ShmBucket` through `maps`, an ObjectRef with `ray.get`."""
+
+    def get(ref):
+        if isinstance(ref, ShmBucket):
+            return maps.bucket(ref)
+        import ray
+
+        return ray.get(ref)  # zero-copy on the same node
+
+    return get
+
+
+def _current_node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - no Ray here: the file check remains
+        pass
+    return None
+
+
 # --- export (learner side) ---------------------------------------------------------------------
 
 class StagingBuffer:
@@ -290,11 +599,14 @@ def export_weights(
     staging: StagingBuffer | None = None,
     put: Callable[[Any], Any] | None = None,
     wire: str = "flat",
+    shm: ShmWriter | None = None,
 ) -> WeightUpdate | None:
     """Cut `named_tensors` into buckets, pack and put each; the `WeightUpdate` on the publishing rank.
 
     - `wire`: "flat" packs each bucket into one uint8 buffer (`pack_bucket`) and puts that;
-      "direct" puts the bucket's tensors as a list of uint8 views (`bucket_views`), one copy less.
+      "direct" puts the bucket's tensors as a list of uint8 views (`bucket_views`), one copy less;
+      "shm" copies the buckets one after the other into the next slot file of `shm` (required on
+      the publishing rank), no object store involved.
     - `full_shape(tensor)`: the tensor's full shape (ZeRO-3: `ds_shape`, the same on every rank, so
       every rank plans the same buckets); default `tensor.shape`.
     - `gather(tensors)`: context manager materialising the bucket's tensors (ZeRO-3:
@@ -303,18 +615,28 @@ def export_weights(
     """
     if wire not in WIRE_FORMATS:
         raise ValueError(f"wire must be one of {WIRE_FORMATS}, got {wire!r}")
+    if wire == "shm" and publish and shm is None:
+        raise ValueError('wire "shm" needs a ShmWriter (shm=...) on the publishing rank')
     started, faults = time.perf_counter(), _minor_faults()
     shape_of = full_shape or (lambda t: tuple(t.shape))
     specs = [(name, t.dtype, tuple(shape_of(t))) for name, t in named_tensors]
     plan = plan_buckets([tensor_nbytes(shape, dtype) for _, dtype, shape in specs], bucket_bytes)
-    if put is None:
+    if put is None and wire != "shm":
         import ray
 
         put = ray.put
     staging = staging or StagingBuffer()
+    slot = token = None
+    if wire == "shm" and publish:  # one slot file for the whole export, buckets back to back
+        planned = [bucket_layout([specs[i] for i in indices]) for indices in plan]
+        starts, end = [], _SHM_HEADER
+        for _, size in planned:
+            starts.append(end)
+            end = _align(end + size)
+        slot, token = shm.reserve(end - _SHM_HEADER)
     refs, layouts = [], []
     gather_s = pack_s = put_s = 0.0
-    for indices in plan:
+    for number, indices in enumerate(plan):
         members = [named_tensors[i] for i in indices]
         begun = time.perf_counter()
         with (gather([t for _, t in members]) if gather else nullcontext()):
@@ -324,22 +646,31 @@ def export_weights(
                 if wire == "flat":
                     needed = bucket_layout([specs[i] for i in indices])[1]
                     buffer, layout = pack_bucket(members, staging.get(needed))
+                elif wire == "shm":
+                    size = planned[number][1]
+                    buffer, layout = shm.write(members, slot.array[starts[number]:starts[number] + size])
                 else:
                     buffer, layout = bucket_views(members)
                 for entry, spec in zip(layout, (specs[i] for i in indices)):
                     if entry.shape != spec[2]:
                         raise RuntimeError(f"{entry.name}: shape {entry.shape} after the gather, planned {spec[2]}")
                 pack_s += time.perf_counter() - begun
-                begun = time.perf_counter()
-                refs.append(put(buffer))  # copies into the object store: staging / gathered tensors free again
-                put_s += time.perf_counter() - begun
+                if wire == "shm":  # written in place: the bucket is already published
+                    refs.append(ShmBucket(slot.path, starts[number], buffer.nbytes, token))
+                else:
+                    begun = time.perf_counter()
+                    refs.append(put(buffer))  # copies into the object store: staging / gathered tensors free again
+                    put_s += time.perf_counter() - begun
                 layouts.append(layout)
     if not publish:
         return None
+    if slot is not None:
+        shm.commit(slot, token)
     elapsed = time.perf_counter() - started
     return WeightUpdate(version, refs, layouts, bucket_bytes, wire, elapsed,
                         {"gather_s": gather_s, "pack_s": pack_s, "put_s": put_s, "buckets": len(refs),
-                         "minor_faults": _minor_faults() - faults})
+                         "minor_faults": _minor_faults() - faults},
+                        node_id=_current_node_id() if wire == "shm" else None)
 
 
 # --- load (engine side) ------------------------------------------------------------------------
@@ -354,14 +685,15 @@ def reload_in_worker(worker, update: WeightUpdate) -> dict:
     started, faults = time.perf_counter(), _minor_faults()
     count = 0
     fetch_s = 0.0
+    if update.wire == "shm":
+        _ENGINE_MAPS.prune()  # drop mappings of slot files deleted or replaced since the last load
+    get = _fetcher(_ENGINE_MAPS)
 
     def tensors() -> Iterator[tuple[str, Any]]:
         nonlocal count, fetch_s
-        import ray
-
         for ref, layout in zip(update.buckets, update.layouts):
             begun = time.perf_counter()
-            buffer = ray.get(ref)  # zero-copy on the same node
+            buffer = get(ref)  # zero-copy on the same node (object store or slot file)
             fetch_s += time.perf_counter() - begun
             views = unpack_bucket(buffer, layout)
             del buffer  # the views keep the bucket alive exactly as long as vLLM holds them
@@ -371,6 +703,8 @@ def reload_in_worker(worker, update: WeightUpdate) -> dict:
     worker.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
     if count != update.num_tensors:
         raise RuntimeError(f"reload consumed {count} of {update.num_tensors} tensors")
+    for bucket in {b.path: b for b in update.buckets if isinstance(b, ShmBucket)}.values():
+        _ENGINE_MAPS.check(bucket)  # not rewritten while loading (else the engine may hold mixed weights)
     return {"tensors": count, "fetch_s": fetch_s, "reload_s": time.perf_counter() - started,
             "minor_faults": _minor_faults() - faults}
 
@@ -388,6 +722,12 @@ def accept_update(update, version: int | None, serving_version: int, log) -> "We
         update = dataclasses.replace(update, version=version)
     if update.version is None:
         raise ValueError("a weight update needs a policy version")
+    if update.wire == "shm" and update.node_id is not None:
+        here = _current_node_id()
+        if here is not None and here != update.node_id:
+            raise RuntimeError(
+                f"weight_sync_format 'shm' needs every rollout engine on learner rank 0's node: the update "
+                f"was written on node {update.node_id}, this engine runs on {here}; use 'direct' across nodes")
     if update.version < serving_version:
         log.warning("policy version goes back from %d to %d", serving_version, update.version)
     return update

@@ -1,28 +1,36 @@
-"""Weight sync throughput: learner rank 0 -> engine through the object store, vs memcpy.
+"""Weight sync throughput: learner rank 0 -> engine (object store or shared-memory files), vs memcpy.
 
     .venv/bin/python -m benchmarks.weight_sync [--json FILE] [--size-gb 0.5] [--buckets 16,64,256,one]
-                                               [--repeats 5] [--dtype float32] [--formats flat,direct]
+                                               [--repeats 5] [--dtype float32] [--formats flat,direct,shm]
+                                               [--shm-dir /dev/shm]
 
 Workload: a synthetic state dict with the names and shapes of a Qwen2-1.5B-like language model
 (24 layers; q/k/v with biases, o, gate/up/down, two norms per layer; embeddings, final norm, an
 untied lm_head) with every dimension scaled so the whole is `--size-gb` (0.505 GB float32: hidden
 448, intermediate 2432, vocab 41,152; 291 tensors from 256 B biases to 74 MB embeddings).
 
-Both wire formats of actors/weight_sync.py are measured (`--formats`): "flat" (pack each bucket
-into one uint8 buffer, then put it: two copies) and "direct" (put the bucket's tensors as a list
-of uint8 views: one copy), at every bucket size of `--buckets`.
+The three wire formats of actors/weight_sync.py are measured in the same run, against the same
+memcpy samples (`--formats`): "flat" (pack each bucket into one uint8 buffer, then put it: two
+copies), "direct" (put the bucket's tensors as a list of uint8 views: one copy) and "shm" (copy the
+buckets into the next file of a ring of 2 shared-memory files under `--shm-dir`, kept mapped by
+sender and receiver: one copy, on one thread like the learner's (`--shm-copy-threads` to split
+it); no object store), at every bucket size of `--buckets`. ("direct" and "flat" copy with Ray's
+own parallel memcpy inside `ray.put`.)
 
 Two Ray actors on a private cluster (`address="local"`, own temp dir, no dashboard, shut down at
 the end):
 - sender (learner rank 0 stand-in) runs the learner's export, `actors.weight_sync.export_weights`:
-  plan buckets, pack each into the reusable staging buffer, one `ray.put` per bucket;
+  plan buckets, then per bucket: pack into the reusable staging buffer and `ray.put` ("flat"), one
+  `ray.put` of the views ("direct"), or a copy into the slot file ("shm");
 - receiver (engine stand-in) runs the engine's loader, `actors.weight_sync.reload_in_worker`, with a
   stand-in worker whose `reload_weights` consumes the iterator: every bucket fetched and decoded
   into zero-copy tensor views, i.e. engine-side tensors ready, the vLLM reload itself excluded.
   Mode "+copy" also copies every tensor into preallocated parameters (the least a real load does).
 
 sync GB/s = payload bytes / wall time from the export call on the sender to the receiver's last
-tensor ready (both calls issued by the driver, back to back). memcpy GB/s = `np.copyto` of the same
+tensor ready (both calls issued by the driver, back to back). Columns: "pack ms" is the sender's
+copy work ("flat": into the staging buffer; "direct": taking views, ~0; "shm": the one copy into
+the slot file), "put ms" its `ray.put`s (0 for "shm"), "recv ms" the receiver's whole load. memcpy GB/s = `np.copyto` of the same
 number of bytes between two preallocated, already touched arrays, in the sender actor, measured in
 every repeat right before the syncs (the machine is shared: load average recorded). Reported:
 median over `--repeats` after one warm-up round; ratio = median sync / median memcpy.
@@ -45,7 +53,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import numpy as np
 import ray
 
-from actors.weight_sync import MB, StagingBuffer, export_weights, reload_in_worker
+from actors.weight_sync import MB, ShmWriter, StagingBuffer, export_weights, reload_in_worker
 
 GOAL = 0.5  # sync GB/s >= GOAL x memcpy GB/s (issue 5)
 
@@ -100,7 +108,7 @@ class _ConsumingWorker:
 
 @ray.remote(num_cpus=0)
 class Sender:
-    def __init__(self, shapes, dtype: str, seed: int = 0):
+    def __init__(self, shapes, dtype: str, shm_dir: str, shm_threads: int, seed: int = 0):
         import torch
 
         torch.set_num_threads(1)  # learner stand-in: the copies below are memcpy-bound anyway
@@ -109,6 +117,7 @@ class Sender:
                       for name, shape in shapes]
         self.nbytes = sum(t.numel() * t.element_size() for _, t in self.named)
         self.staging = StagingBuffer()
+        self.shm = ShmWriter(shm_dir, slots=2, copy_threads=shm_threads)  # the learner's default ring
         self.src = np.ones(self.nbytes, dtype=np.uint8)
         self.dst = np.zeros(self.nbytes, dtype=np.uint8)
 
@@ -130,7 +139,11 @@ class Sender:
         return elapsed
 
     def export(self, bucket_bytes: int, version: int, wire: str):
-        return export_weights(self.named, bucket_bytes, version, staging=self.staging, wire=wire)
+        return export_weights(self.named, bucket_bytes, version, staging=self.staging, wire=wire, shm=self.shm)
+
+    def close(self) -> str:
+        self.shm.close()
+        return self.shm.directory
 
 
 @ray.remote(num_cpus=0)
@@ -162,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default="16,64,256,one", help="bucket sizes in MB; 'one' = a single bucket")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--formats", default="flat,direct", help="wire formats (actors/weight_sync.py)")
+    parser.add_argument("--formats", default="flat,direct,shm", help="wire formats (actors/weight_sync.py)")
+    parser.add_argument("--shm-dir", default="/dev/shm", help='where the "shm" format writes its files')
+    parser.add_argument("--shm-copy-threads", type=int, default=1, help='"shm" copy threads (the learner uses 1)')
     parser.add_argument("--no-copy-mode", action="store_true", help="skip the '+copy into parameters' rows")
     args = parser.parse_args(argv)
 
@@ -181,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         started = time.perf_counter()
-        sender = Sender.remote(shapes, args.dtype)
+        sender = Sender.remote(shapes, args.dtype, args.shm_dir, args.shm_copy_threads)
         receiver = Receiver.remote(shapes, args.dtype)
         info = ray.get(sender.info.remote())
         ray.get(receiver.checksum.remote([]))
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 })
                 del update
             print(f"repeat {repeat}: done (load {_load():.1f})", file=sys.stderr)
+        shm_dir = ray.get(sender.close.remote())
+        assert not os.path.exists(shm_dir), f"{shm_dir} left behind"
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
