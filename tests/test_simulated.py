@@ -179,3 +179,114 @@ def test_pipeline_with_simulated_engines_bounds_staleness_and_keeps_every_prompt
         assert result.metrics["rollout/trajectories"] == 12
     assert async_[-1].metrics["policy_version"] == 9
     assert any(t.num_visual_operations for r in sync + async_ for t in r.trajectories)
+
+
+def test_continuous_batching_clock_lets_short_turns_leave_a_long_one_behind():
+    import asyncio
+    import time
+
+    from actors.simulated import ContinuousBatchClock
+
+    async def main():
+        clock = ContinuousBatchClock(SimulationConfig(prefill_s_per_request=0.01, decode_s_per_token=0.001))
+
+        async def turn(tokens, after):
+            await asyncio.sleep(after)
+            started = time.perf_counter()
+            await clock.generate(tokens)
+            return time.perf_counter() - started
+
+        return await asyncio.gather(turn(100, 0.0), turn(300, 0.0), turn(50, 0.05))
+
+    short, long, late = asyncio.run(main())
+    # both prefills stall the batch (0.02), the late turn's prefill stalls it again (0.01)
+    assert short == pytest.approx(0.13, abs=0.015)
+    assert long == pytest.approx(0.33, abs=0.015)
+    assert late == pytest.approx(0.06, abs=0.015)  # joins the running batch: no wait for the long turn
+
+
+def test_balance_gives_prompts_to_the_workers_with_the_fewest_trajectories_in_flight(monkeypatch):
+    import ray
+
+    from cluster.config import PixelRayConfig
+    from cluster.pipeline import RLPipeline
+
+    pipeline = object.__new__(RLPipeline)
+    pipeline.config = PixelRayConfig.model_validate({"rollout": {"group_size": 4}})
+    pipeline.workers = ["w0", "w1", "w2"]
+    pipeline._in_flight = []
+    even = pipeline._balance(list("abcdef"))
+    assert even == [("w0", ["a", "d"]), ("w1", ["b", "e"]), ("w2", ["c", "f"])]  # idle: round robin
+
+    # w0 still runs 3 prompts (12 trajectories), w1 one (4), w2's call has returned
+    pipeline._in_flight = [("w0", 12, "f0"), ("w1", 4, "f1"), ("w2", 8, "f2")]
+    monkeypatch.setattr(ray, "wait", lambda futures, **kw: (["f2"], [f for f in futures if f != "f2"]))
+    shares = dict(pipeline._balance(list("abcdef")))
+    # loads 12 / 4 / 0: w2 first, then w1 and w2 alternate, the last prompt levels all three at 12
+    assert shares == {"w2": ["a", "c", "e"], "w1": ["b", "d"], "w0": ["f"]}
+    assert [entry[0] for entry in pipeline._in_flight] == ["w0", "w1"]  # returned calls are forgotten
+
+
+@pytest.mark.integration
+def test_continuous_and_turn_batching_give_the_same_trajectories_and_continuous_is_faster(ray_cluster, tmp_path):
+    import time
+
+    import ray
+
+    from actors.rollout import PromptTask
+    from actors.simulated import SimulatedRolloutWorker
+    from cluster.config import PixelRayConfig
+    from cluster.pipeline import load_image_array
+
+    config = PixelRayConfig.model_validate({"rollout": {"max_tool_calls": 3, "max_new_tokens_per_turn": 256}})
+    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers)
+             for r in _records(tmp_path, 2)]
+    results = {}
+    for batching in ("turn", "continuous"):
+        simulation = SimulationConfig(median_tokens_per_turn=40, sigma=1.0, decode_s_per_token=0.002,
+                                      prefill_s_per_request=0.001, tool_s=0.02, tool_call_probability=0.6,
+                                      batching=batching)
+        worker = SimulatedRolloutWorker.options(num_cpus=0).remote("unused", config.rollout, config.tools,
+                                                                   "float32", 0, simulation)
+        ray.get(worker.ready.remote())
+        started = time.perf_counter()
+        trajectories, stats = ray.get(worker.rollout.remote(tasks, 8, 1234))
+        results[batching] = (time.perf_counter() - started, trajectories)
+        ray.kill(worker)
+
+    def key(t):
+        return (t.qid, t.sample_index, tuple(t.token_ids), tuple(t.loss_mask), t.finish_reason, t.response_text)
+
+    assert sorted(map(key, results["turn"][1])) == sorted(map(key, results["continuous"][1]))
+    assert results["continuous"][0] < results["turn"][0]
+
+
+@pytest.mark.integration
+def test_a_simulated_update_waits_for_earlier_calls_and_later_calls_wait_for_it(ray_cluster, tmp_path):
+    import ray
+
+    from actors.rollout import PromptTask
+    from actors.simulated import SimulatedLearner, SimulatedRolloutWorker
+    from cluster.config import PixelRayConfig
+    from cluster.pipeline import load_image_array
+
+    config = PixelRayConfig()
+    simulation = SimulationConfig(median_tokens_per_turn=20, decode_s_per_token=0.005, weight_load_s=0.05)
+    worker = SimulatedRolloutWorker.options(num_cpus=0).remote("unused", config.rollout, config.tools, "float32", 0,
+                                                               simulation)
+    learner = SimulatedLearner.options(num_cpus=0).remote()
+    ray.get(learner.setup.remote("unused", config.trainer, 1.0, "cpu", 0, 1, ("", 0), 1, None, simulation))
+    update = ray.get(learner.export_weights.remote(1))
+    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers)
+             for r in _records(tmp_path, 1)]
+    try:
+        # sent in this order: call 0 (version 0), the update (after 1 call), call 1 (needs version 1)
+        first = worker.rollout.remote(tasks, 4, 1, call_index=0, min_version=0)
+        updated = worker.update_weights.remote(update, after_calls=1)
+        second = worker.rollout.remote(tasks, 4, 2, call_index=1, min_version=1)
+        assert {t.policy_version for t in ray.get(first)[0]} == {0}
+        assert ray.get(updated)["policy_version"] == 1
+        assert {t.policy_version for t in ray.get(second)[0]} == {1}
+    finally:
+        ray.kill(worker)
+        ray.kill(learner)
