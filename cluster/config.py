@@ -100,8 +100,17 @@ class TrainerConfig(Section):
     weight_sync_bucket_mb: float = Field(default=256, gt=0)
     # "flat": each bucket is packed into one uint8 buffer, then put (two host copies; the layout the
     # GPU/NCCL design broadcasts). "direct": the bucket's tensors are put as a list of uint8 views,
-    # which Ray writes back to back into one object (one copy). Both read zero-copy on the engine.
-    weight_sync_format: Literal["flat", "direct"] = "direct"  # direct: ~2x faster (benchmarks/weight_sync.py)
+    # which Ray writes back to back into one object (one copy). "shm": learner rank 0 copies the
+    # buckets into a ring of `weight_sync_shm_slots` files under `weight_sync_shm_dir`, kept mapped
+    # on both sides (one copy, no object store; about as fast as "direct" on this loaded 2-core box,
+    # faster at its best, benchmarks/weight_sync.py). SAME NODE ONLY: every rollout engine must share
+    # learner rank 0's /dev/shm (an engine elsewhere fails its first sync with a clear error; use
+    # "direct" across nodes), and an export stays readable for `weight_sync_shm_slots` exports, so
+    # it must be >= max_staleness + 1 (checked below); the ring costs slots x the state dict in
+    # shared memory. All formats read zero-copy on the engine.
+    weight_sync_format: Literal["flat", "direct", "shm"] = "direct"
+    weight_sync_shm_dir: str = "/dev/shm"
+    weight_sync_shm_slots: int = Field(default=2, ge=1)
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
     # Ray placement group for the learners: one bundle {CPU, GPU} per learner, each learner in its own
     # bundle; STRICT_PACK keeps all ranks on one node (NCCL over NVLink). None: no placement group.
@@ -123,6 +132,7 @@ class SFTConfig(Section):
     keep_data_system_prompt: bool = False  # False: the tool protocol prompt replaces the data's (as in RL)
     num_traces: int = Field(default=128, ge=1)  # generated traces for the built-in synthetic task
     self_correction_fraction: float = Field(default=0.3, ge=0, le=1)  # traces that err first, then fix
+    direct_fraction: float = Field(default=0.0, ge=0, le=1)  # traces that answer without a visual operation
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=4, ge=1)  # examples per optimizer step, all learners together
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); the schedule spans them
@@ -149,6 +159,10 @@ class PixelRayConfig(Section):
     # 0: synchronous, strictly on-policy. k >= 1: the next k batches generate while a step trains,
     # so a trajectory may be up to k policy versions old (each one carries its version).
     max_staleness: int = Field(default=0, ge=0)
+    # Held-out evaluation: greedy rollouts of the eval split (data.eval_path, else the synthetic
+    # task's) before the first step, every k steps and after the last, logged as eval/*; 0 = none.
+    eval_every_steps: int = Field(default=0, ge=0)
+    eval_size: int | None = Field(default=None, ge=1)  # the first n held-out questions; None = all
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -167,6 +181,13 @@ class PixelRayConfig(Section):
             raise ValueError("device=cuda needs rollout.num_gpus > 0 and trainer.num_gpus_per_learner > 0")
         if self.device == "cpu" and (self.rollout.num_gpus or self.trainer.num_gpus_per_learner):
             raise ValueError("device=cpu cannot ask for GPUs (rollout.num_gpus, trainer.num_gpus_per_learner)")
+        trainer = self.trainer
+        if (self.rollout.engine == "vllm" and trainer.weight_sync_format == "shm"
+                and trainer.weight_sync_shm_slots < self.max_staleness + 1):
+            # with max_staleness k an engine may still have k published updates queued when the next
+            # export rewrites the oldest slot (simulated learners publish no files)
+            raise ValueError(f"trainer.weight_sync_shm_slots ({trainer.weight_sync_shm_slots}) must be >= "
+                             f"max_staleness + 1 ({self.max_staleness + 1}) with weight_sync_format=shm")
         return self
 
     def required_resources(self) -> dict[str, float]:

@@ -31,7 +31,9 @@ from cluster.eval_data import EvalRecord
 from rewards.accuracy import extract_answer, score_answer
 
 # The headline number of each benchmark (the paper's table).
-PRIMARY_METRIC = {"vstar": "accuracy", "tallyqa": "accuracy/complex", "infovqa": "anls", "mvbench": "accuracy"}
+# "heldout": an RL run's own eval split (cluster/heldout.py), scored by each record's verifier.
+PRIMARY_METRIC = {"vstar": "accuracy", "tallyqa": "accuracy/complex", "infovqa": "anls", "mvbench": "accuracy",
+                  "heldout": "accuracy"}
 TRUNCATED_FINISH_REASONS = ("length", "tool_limit")
 
 
@@ -102,7 +104,9 @@ def benchmark_metrics(benchmark: str, samples: list[dict]) -> dict[str, float | 
     """The benchmark's official metrics from scored samples (`score_outcome`)."""
     scores = [s["score"] for s in samples]
     metrics: dict[str, float | int | None] = {}
-    if benchmark == "vstar":
+    if benchmark == "heldout":
+        metrics["accuracy"] = _mean(scores)
+    elif benchmark == "vstar":
         metrics["accuracy"] = _mean(scores)
         for category, values in _grouped(samples, "category").items():
             metrics[f"accuracy/{category}"] = _mean(values)

@@ -113,6 +113,27 @@ def prepare(config_file: str | None, overrides: list[str]) -> PixelRayConfig | N
     return config
 
 
+def heldout_evaluator(config: PixelRayConfig, ray, pipeline, tracker, evaluations: list[dict]):
+    """`evaluate(steps_done)`: held-out metrics after that many RL steps, logged at that step and
+    appended to `evaluations`; does nothing when `eval_every_steps` is 0 or there is no eval split."""
+    from cluster.heldout import evaluate_heldout, heldout_records
+
+    records = heldout_records(config, cache_root() / "data") if config.eval_every_steps else []
+    batch_size = config.prompts_per_step * config.rollout.group_size
+
+    def evaluate(steps_done: int) -> None:
+        if not records:
+            return
+        metrics = evaluate_heldout(ray, pipeline.workers, records, batch_size, config.tools.budgets.num_video_frames)
+        metrics["eval/policy_version"] = float(pipeline.policy_version)
+        tracker.log_metrics(metrics, steps_done)
+        evaluations.append({"steps_done": steps_done, **metrics})
+        print(f"held-out after {steps_done} steps: accuracy {metrics['eval/accuracy']:.3f}, "
+              f"RaPR {metrics['eval/rapr']:.3f} ({len(records)} questions)", file=sys.stderr)
+
+    return evaluate
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = prepare(args.config, args.overrides)
@@ -134,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = CheckpointManager(config.checkpoint)
     history: list[tuple[int, dict[str, float]]] = []
     step_details: list[dict] = []
+    evaluations: list[dict] = []
     status = "FAILED"
     pipeline = None
     try:
         pipeline = RLPipeline(config, model_path, records)
         first_step = resume(config, checkpoints, pipeline)
+        evaluate = heldout_evaluator(config, ray, pipeline, tracker, evaluations)
+        evaluate(first_step)
         progress = tqdm(total=config.steps - first_step, desc="RL steps", unit="step", file=sys.stderr)
         for result in pipeline.run(first_step, config.steps):
             step = result.step
@@ -147,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             step_details.append({"step": step, "qids": sorted({t.qid for t in result.trajectories}),
                                  "metrics": result.metrics})
             tracker.log_metrics(result.metrics, step)
+            if config.eval_every_steps and ((step + 1) % config.eval_every_steps == 0 or step == config.steps - 1):
+                evaluate(step + 1)
             if config.tracking.pictures_every_steps and step % config.tracking.pictures_every_steps == 0:
                 tracker.log_trajectory_picture(result.trajectories, step)
             every = config.checkpoint.every_steps
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow run {tracker.run_id} in {config.tracking.tracking_uri}; {len(history)} steps in {summary['wall_s']} s")
     if args.summary_json:
         with open(args.summary_json, "w") as handle:
-            json.dump({**summary, "history": step_details}, handle, indent=2)
+            json.dump({**summary, "history": step_details, "evaluations": evaluations}, handle, indent=2)
     return 0
 
 

@@ -413,7 +413,7 @@ def make_samples() -> dict[str, dict]:
 
     samples = {}
     for seed in SAMPLE_SEEDS:
-        image, colour, box = draw_example(SyntheticZoomSpec(), random.Random(seed))
+        image, colour, box = draw_example(SyntheticZoomSpec(), random.Random(seed))[:3]
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         name = f"zoom-{seed}"

@@ -67,7 +67,10 @@ class TinyModelSpec(BaseModel):
     max_position_embeddings: int = 8192
 
     def cache_key(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        """Hash of the sizes and of the tokenizer's training text (a new task sentence, a new model)."""
+        digest = hashlib.sha256(self.model_dump_json().encode())
+        digest.update("\n".join(_tokenizer_corpus()).encode())
+        return digest.hexdigest()[:12]
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -33,7 +33,7 @@ from PIL import Image
 from policies.batching import TrainSample
 from policies.episode import IMAGE_PLACEHOLDER, derive_seed, observation_token_ids, prompt_token_ids
 from policies.protocol import CROP_TOOL, TOOL_SYSTEM_PROMPT, SelectFramesCall, parse_tool_call
-from policies.synthetic import QUESTION, SyntheticZoomSpec, draw_example
+from policies.synthetic import REGIONS, SyntheticZoomSpec, ZoomExample, draw_example, region_box
 from policies.visual_ops import ImageRole, Observation, PixelBudgets, resize_to_budget, run_turn
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class SFTExample:
     loss_mask: list[int]  # 1 on assistant tokens (incl. their closing <|im_end|>), else 0
     images: list[np.ndarray]  # HxWx3 uint8 as the model sees them, one per <|image_pad|>, in order
     qid: str = ""
-    kind: str = ""  # "pixel_reasoner", or for generated traces "zoom", "zoom_miss", "zoom_error"
+    kind: str = ""  # "pixel_reasoner", or for generated traces "zoom", "zoom_miss", "zoom_error", "direct"
     assistant_text: str = ""  # the assistant turns, "\n"-joined (diagnostics, tests)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -349,33 +349,41 @@ def synthetic_zoom_traces(
     budgets: PixelBudgets,
     self_correction_fraction: float = 0.3,
     seed: int = 0,
+    direct_fraction: float = 0.0,
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
 
-    Plain trace: reasoning + a crop around the gold box (jittered, normalized) -> the real crop
-    (`run_turn`, as in RL) -> "The square is <colour>. \\boxed{<colour>}". A
+    Plain trace: reasoning + a crop (normalized) -> the real crop (`run_turn`, as in RL) -> "The
+    square is <colour>. \\boxed{<colour>}". The crop is the gold box with a random margin, or, when
+    the question names a region (`spec.region_hint`), that region's cell. A
     `self_correction_fraction` of the traces first err, half of them by cropping a region that
-    misses the square ("zoom_miss"), half by a malformed call that returns an "Execution error"
-    ("zoom_error"); then the text of the fix, the right crop, its observation, the answer.
+    misses the square ("zoom_miss": another cell under region_hint), half by a malformed call that
+    returns an "Execution error" ("zoom_error"); then the text of the fix, the right crop, its
+    observation, the answer. A `direct_fraction` of the traces answer at once without any tool call
+    ("direct"), like the text-only reasoning of the paper's warm-start data.
     """
-    if not 0.0 <= self_correction_fraction <= 1.0:
-        raise ValueError("self_correction_fraction must lie in [0, 1]")
+    for name, value in (("self_correction_fraction", self_correction_fraction), ("direct_fraction", direct_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1]")
     rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(), seed))
     examples = []
     for index in range(count):
-        image, colour, gold = draw_example(spec, rng)
+        example = draw_example(spec, rng)
         kind = "zoom"
         if rng.random() < self_correction_fraction:
             kind = rng.choice(("zoom_miss", "zoom_error"))
-        examples.append(_zoom_trace(tokenizer, image, colour, gold, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}"))
+        if direct_fraction and rng.random() < direct_fraction:
+            kind = "direct"
+        examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}"))
     return examples
 
 
-def _zoom_trace(tokenizer, original: Image.Image, colour: str, gold: list[float], budgets: PixelBudgets,
+def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budgets: PixelBudgets,
                 kind: str, rng: random.Random, qid: str) -> SFTExample:
+    original, colour, gold = example.image, example.answer, example.gold_box
     view = resize_to_budget(original, budgets.min_pixels, budgets.original_max_pixels, budgets.patch_factor)
-    builder = _Builder(tokenizer, prompt_token_ids(tokenizer, QUESTION), [view])
+    builder = _Builder(tokenizer, prompt_token_ids(tokenizer, example.question), [view])
     sources: list = [original]
     gold_pixels = _pixel_box(gold, original.size)
     metadata: dict[str, Any] = {"colour": colour, "gold_box": list(gold)}
@@ -390,14 +398,21 @@ def _zoom_trace(tokenizer, original: Image.Image, colour: str, gold: list[float]
         sources.extend(observation.full_images)
         return observation
 
+    if kind == "direct":
+        builder.assistant(answer_text(colour))
+        return builder.finish(qid=qid, kind=kind, metadata=metadata)
     opener = rng.choice(OPENERS)
+    miss = None
     if kind == "zoom_miss":
-        first = act(opener + "\n" + crop_call(_missing_box(gold, rng)))
+        miss = _other_region(spec, gold, rng) if example.region_box else _missing_box(gold, rng)
+    if miss is not None:  # a miss no cell can give (square by the centre cell's edge): an error trace instead
+        first = act(opener + "\n" + crop_call(miss))
         if not first.ok or _overlaps(first.box_pixels, gold_pixels):
             raise AssertionError(f"the miss crop of {qid} saw the square or failed: {first}")
         metadata["first_box_pixels"] = first.box_pixels
         fix = MISS_TEXT
-    elif kind == "zoom_error":
+    elif kind in ("zoom_error", "zoom_miss"):
+        kind = "zoom_error"
         variant = rng.choice(ERROR_VARIANTS)
         first = act(opener + "\n" + _erroneous_call(gold, variant, original.size, budgets, rng))
         if first.ok:  # e.g. full-res pixels that happen to fit the view: not an error, so use another
@@ -406,11 +421,23 @@ def _zoom_trace(tokenizer, original: Image.Image, colour: str, gold: list[float]
         fix = ERROR_TEXT
     else:
         fix = opener
-    final = act(fix + "\n" + crop_call(_box_around(gold, rng)))
+    final = act(fix + "\n" + crop_call(example.region_box or _box_around(gold, rng)))
     if not final.ok or not _contains(final.box_pixels, gold_pixels):
         raise AssertionError(f"the crop of {qid} does not contain the square: {final}")
     builder.assistant(answer_text(colour))
     return builder.finish(qid=qid, kind=kind, metadata=metadata)
+
+
+def _other_region(spec: SyntheticZoomSpec, gold: Sequence[float], rng: random.Random,
+                  padding: float = 0.1) -> list[float] | None:
+    """Another region's cell whose padded crop stays clear of the square; None if every one reaches it."""
+    def clear(box):
+        return (box[2] + padding < gold[0] or box[0] - padding > gold[2]
+                or box[3] + padding < gold[1] or box[1] - padding > gold[3])
+
+    cells = [region_box(spec, cell) for cell in range(len(REGIONS[spec.grid]))]
+    misses = [box for box in cells if clear(box)]
+    return rng.choice(misses) if misses else None
 
 
 def _box_around(gold: Sequence[float], rng: random.Random) -> list[float]:

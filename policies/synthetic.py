@@ -3,13 +3,26 @@
 At the original image's pixel budget the square shrinks to a fraction of one 28x28 visual token
 and its colour blurs into the background; a crop around it brings it back to many tokens. So the
 answer needs a zoom, which is what the method trains. The gold box is kept for diagnostics.
+
+Two options make the task learnable by a model small enough to train on a laptop CPU (the
+`zoom-curiosity` recipe, benchmarks/learning.py):
+- `region_hint`: the question names the cell of a `grid` x `grid` partition that holds the square
+  ("in the top-left part"). A square too small to see in the view cannot be localised from it, and
+  reading an absolute position out of visual tokens is beyond a two-layer model (Qwen2.5-VL's
+  positions are rotary, i.e. relative); with the hint the zoom target is text, the colour is pixels.
+- `detail="pattern"`: the square is filled with fine black-and-white stripes or checks (period
+  `pattern_period` px) and the answer is the pattern; antialiased downscaling erases it from the
+  view entirely, while a colour stays partly visible to a ViT even at a few pixels.
+- `colour_noise`: each background block gets its own per-channel jitter, so the few per cent of a
+  view token the square covers cannot be told apart from background by its chroma.
 """
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from policies.data import write_rl_parquet
 
@@ -18,6 +31,26 @@ COLOURS = {
     "purple": (140, 40, 170), "orange": (240, 130, 20), "white": (250, 250, 250), "black": (10, 10, 10),
 }
 QUESTION = "What is the colour of the small square in the image? Answer with one word in \\boxed{}."
+# Fine black-and-white patterns of equal mean: a downscaled view (antialiased) turns all of them
+# into the same grey, so unlike a colour, which survives averaging, the pattern needs the pixels.
+PATTERNS = ("checkered", "diagonal", "horizontal", "vertical")
+PATTERN_QUESTION = ("The small square is in the {region} part of the image. Which pattern fills it: "
+                    "checkered, diagonal, horizontal or vertical? Answer with one word in \\boxed{{}}.")
+HINTED_QUESTION = ("The small square is in the {region} part of the image. What is its colour? "
+                   "Answer with one word in \\boxed{{}}.")
+# Cell names, row by row, per grid size.
+REGIONS = {
+    2: ("top-left", "top-right", "bottom-left", "bottom-right"),
+    3: ("top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom", "bottom-right"),
+}
+
+
+class ZoomExample(NamedTuple):
+    image: Any  # PIL image at full resolution
+    answer: str  # the colour name, or the pattern name (detail="pattern")
+    gold_box: list[float]  # normalized [x1, y1, x2, y2] of the square
+    question: str
+    region_box: list[float] | None  # normalized cell named by the question (region_hint), else None
 
 
 class SyntheticZoomSpec(BaseModel):
@@ -27,7 +60,21 @@ class SyntheticZoomSpec(BaseModel):
     num_eval: int = Field(default=32, ge=0)
     canvas_size: int = Field(default=896, ge=64)
     square_size: int = Field(default=20, ge=2)
+    region_hint: bool = False  # the question names the grid cell holding the square
+    grid: Literal[2, 3] = 3
+    colour_noise: int = Field(default=0, ge=0, le=100)  # per-channel jitter of background blocks
+    detail: Literal["colour", "pattern"] = "colour"  # what the question asks about the square
+    pattern_period: int = Field(default=2, ge=2)  # px at full resolution, one dark + one light half
+    pixel_noise: int = Field(default=0, ge=0, le=100)  # per-pixel uniform jitter (a sensor's noise)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _square_fits(self) -> "SyntheticZoomSpec":
+        room = self.canvas_size // self.grid if self.region_hint else self.canvas_size
+        if room < 3 * self.square_size:
+            raise ValueError(f"square_size {self.square_size} does not fit {'a grid cell' if self.region_hint else 'the canvas'} "
+                             f"of {room} px with a margin")
+        return self
 
     def cache_key(self) -> str:
         import hashlib
@@ -35,26 +82,73 @@ class SyntheticZoomSpec(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
-def draw_example(spec: SyntheticZoomSpec, rng: random.Random):
-    """One (image, colour name, normalized gold box)."""
+def region_box(spec: SyntheticZoomSpec, cell: int) -> list[float]:
+    """Normalized box of grid cell `cell` (row by row), two decimals, as a model would write it."""
+    row, column = divmod(cell, spec.grid)
+    return [round(column / spec.grid, 2), round(row / spec.grid, 2),
+            round((column + 1) / spec.grid, 2), round((row + 1) / spec.grid, 2)]
+
+
+def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
+    """One example: image, answer, normalized gold box, question (and the hinted cell)."""
     from PIL import Image, ImageDraw
 
     size, side = spec.canvas_size, spec.square_size
-    # Grey texture: blocks of slightly different greys, so the canvas isn't trivially uniform.
+    # Textured background: blocks of slightly different greys (plus per-channel jitter if asked),
+    # so the canvas isn't trivially uniform.
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)
     block = max(size // 16, 4)
     for y in range(0, size, block):
         for x in range(0, size, block):
             grey = rng.randint(100, 156)
-            draw.rectangle([x, y, x + block - 1, y + block - 1], fill=(grey, grey, grey))
-    colour = rng.choice(sorted(COLOURS))
-    margin = side
-    x0 = rng.randint(margin, size - margin - side)
-    y0 = rng.randint(margin, size - margin - side)
-    draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=COLOURS[colour])
+            fill = (grey, grey, grey)
+            if spec.colour_noise:
+                fill = tuple(min(255, max(0, grey + rng.randint(-spec.colour_noise, spec.colour_noise))) for _ in range(3))
+            draw.rectangle([x, y, x + block - 1, y + block - 1], fill=fill)
+    answer = rng.choice(PATTERNS if spec.detail == "pattern" else sorted(COLOURS))
+    low, high = (side, size - side - side), (side, size - side - side)  # x and y ranges of the corner
+    cell, question, hinted = None, QUESTION, None
+    if spec.region_hint:
+        cell = rng.randrange(spec.grid * spec.grid)
+        row, column = divmod(cell, spec.grid)
+        edges = [round(i * size / spec.grid) for i in range(spec.grid + 1)]
+        margin = side // 2  # keep the square clear of the cell's edges
+        low = (edges[column] + margin, edges[column + 1] - margin - side)
+        high = (edges[row] + margin, edges[row + 1] - margin - side)
+        question = (PATTERN_QUESTION if spec.detail == "pattern" else HINTED_QUESTION).format(region=REGIONS[spec.grid][cell])
+        hinted = region_box(spec, cell)
+    x0 = rng.randint(*low)
+    y0 = rng.randint(*high)
+    if spec.detail == "pattern":
+        image.paste(pattern_tile(answer, side, spec.pattern_period), (x0, y0))
+    else:
+        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=COLOURS[answer])
+    if spec.pixel_noise:  # masks the faint residue of a pattern that the view's resize leaves behind
+        import numpy as np
+
+        noise = np.random.default_rng(rng.getrandbits(64)).integers(-spec.pixel_noise, spec.pixel_noise + 1, (size, size, 3))
+        image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
     box = [x0 / size, y0 / size, (x0 + side) / size, (y0 + side) / size]
-    return image, colour, box
+    return ZoomExample(image, answer, box, question, hinted)
+
+
+def pattern_tile(pattern: str, side: int, period: int, taper: int = 8):
+    """A side x side tile of `pattern`: dark and light halves around mid grey, the contrast fading
+    to nothing over `taper` px at the border. Without the fade, the stripes' cut ends along the
+    edges leave a pattern-specific rim in a downscaled view."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    half = period // 2
+    light = {"horizontal": (y % period) < half, "vertical": (x % period) < half,
+             "checkered": ((x % period) < half) ^ ((y % period) < half),
+             "diagonal": ((x + y) % period) < half}[pattern]
+    ramp = np.clip((np.minimum(np.arange(side), np.arange(side)[::-1]) + 0.5) / taper, 0.0, 1.0)
+    contrast = 127.5 * np.outer(ramp, ramp)
+    tile = np.rint(127.5 + np.where(light, contrast, -contrast)).astype(np.uint8)
+    return Image.fromarray(tile).convert("RGB")
 
 
 def make_synthetic_zoom(spec: SyntheticZoomSpec, output_dir: Path) -> dict[str, Path]:
@@ -65,12 +159,13 @@ def make_synthetic_zoom(spec: SyntheticZoomSpec, output_dir: Path) -> dict[str, 
     for split, count in (("train", spec.num_train), ("eval", spec.num_eval)):
         rows = []
         for index in range(count):
-            image, colour, box = draw_example(spec, rng)
+            example = draw_example(spec, rng)
             relative = f"images/{split}-{index:05d}.png"
-            image.save(output_dir / relative)
+            example.image.save(output_dir / relative)
             rows.append({
-                "qid": f"zoom-{split}-{index:05d}", "question": QUESTION, "image": [relative],
-                "is_video": False, "answer": [colour], "gold_box": box,
+                "qid": f"zoom-{split}-{index:05d}", "question": example.question, "image": [relative],
+                "is_video": False, "answer": [example.answer], "gold_box": example.gold_box,
+                **({"region_box": example.region_box} if example.region_box else {}),
             })
         paths[split] = output_dir / f"{split}.parquet"
         if rows:
@@ -114,8 +209,11 @@ def corpus_sentences() -> list[str]:
         "Execution error: the box is outside the image.",
         "Here are the selected frames (Frame Numbers: 1, 2, 3):",
     ]
-    sentences = [QUESTION] * 50 + reasoning * 30
+    hinted = [q.format(region=name) for name in REGIONS[3] for q in (HINTED_QUESTION, PATTERN_QUESTION)]
+    sentences = [QUESTION] * 50 + hinted * 10 + reasoning * 30
     for _ in range(2000):
         colour = rng.choice(sorted(COLOURS))
         sentences.append(f"{rng.choice(reasoning)} The answer is \\boxed{{{colour}}}.")
+    for pattern in PATTERNS:
+        sentences += [f"The square is {pattern}. \\boxed{{{pattern}}}"] * 20
     return sentences

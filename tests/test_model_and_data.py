@@ -49,7 +49,7 @@ def test_square_is_lost_at_the_original_budget_and_recovered_by_a_crop():
     import random
 
     spec, budgets = SyntheticZoomSpec(), PixelBudgets()
-    image, colour, box = draw_example(spec, random.Random(3))
+    image, colour, box = draw_example(spec, random.Random(3))[:3]
     target = np.array(COLOURS[colour], dtype=float)
     view = np.asarray(resize_to_budget(image, budgets.min_pixels, budgets.original_max_pixels), dtype=float)
     # In the view, the square covers under one 28x28 visual token.

@@ -155,7 +155,9 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     """Run 3 steps straight; run 2, stop, resume for step 3: step 3's prompts, rollouts and loss agree."""
     common = [
         "prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens_per_turn=48", "trainer.lr=1e-3",
-        "trainer.drop_zero_variance_groups=false", "seed=5", "trainer.replay.enabled=true",
+        # seed 6: the random tiny model makes a tool call in the first steps, so curiosity gives the
+        # groups reward variance and the weights really change before the checkpoint (checked below)
+        "trainer.drop_zero_variance_groups=false", "seed=6", "trainer.replay.enabled=true",
     ]
 
     def run(folder, *extra):
@@ -183,7 +185,9 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     for name in ("rollout/response_tokens", "reward/total", "train/trained_tokens", "policy_version",
                  "train/replayed_samples", "replay/size"):
         assert got["metrics"][name] == expected["metrics"][name], name
-    for name in ("train/loss", "train/logprob_mismatch", "train/importance_ratio"):
+    for name in ("train/loss", "train/importance_ratio"):
         assert got["metrics"][name] == pytest.approx(expected["metrics"][name], rel=1e-4, abs=1e-7), name
+    # learner and engine log-probs now agree to float noise (~2e-5), which differs between processes
+    assert got["metrics"]["train/logprob_mismatch"] == pytest.approx(expected["metrics"]["train/logprob_mismatch"], abs=1e-4)
     # the weights had really changed before the checkpoint (otherwise resuming would be trivial)
     assert any(abs(h["metrics"].get("train/loss", 0.0)) > 0 for h in straight["history"][:2])

@@ -1,0 +1,182 @@
+"""The learning demonstration: does RL with the curiosity bonus teach the tiny model to zoom, and
+does RL without it fall into the paper's learning trap?
+
+    .venv/bin/python -m benchmarks.learning [--json FILE] [--plot FILE] [--workdir DIR]
+        [--config PRESET_OR_FILE] [key.path=value ...]
+
+One command runs the recipe of `cluster/configs/zoom-curiosity.yaml` (each stage is the project's
+own entry point, in its own process, so each starts and stops its own local Ray):
+1. warm-start SFT (`python -m cluster.sft`) on generated traces, incl. self-correction and direct
+   (no-zoom) traces;
+2. RL with curiosity (`python -m cluster.run`, the preset's reward: alpha 0.5, H 0.3) from the SFT
+   checkpoint;
+3. the same RL with `reward.curiosity.alpha=0`, same seed, same data.
+Both RL runs evaluate the held-out split greedily before the first step and every
+`eval_every_steps` steps. The table reports held-out accuracy after warm start, after RL with and
+without curiosity, RaPR at the end of each, and the issue's goals; the plot (PNG, also logged to
+MLflow with the JSON in a "learning-summary" run) shows held-out accuracy and RaPR per step for
+both runs, plus the training batches' RaPR. Extra `key.path=value` overrides go to every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PRESET = "zoom-curiosity"
+RUNS = (("curiosity", []), ("no-curiosity", ["reward.curiosity.alpha=0"]))
+GOAL_LIFT = 0.15  # RL with curiosity over warm start alone, held-out accuracy
+GOAL_RAPR = 0.3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.learning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=PRESET, help="preset name or YAML file (default: %(default)s)")
+    parser.add_argument("--workdir", default="runs/learning", help="checkpoints, summaries, mlflow.db (default: %(default)s)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="the PNG (default: <workdir>/learning.png)")
+    parser.add_argument("--skip-sft", action="store_true", help="reuse <workdir>/sft/hf from an earlier run")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every stage, e.g. steps=20")
+    return parser.parse_args(argv)
+
+
+def run_stage(name: str, module: str, arguments: list[str], workdir: Path) -> float:
+    """Run `python -m module arguments` in `workdir`; the stage's output goes to <workdir>/<name>.log."""
+    started = time.perf_counter()
+    log = workdir / f"{name}.log"
+    print(f"[{name}] python -m {module} {' '.join(arguments)}  (log: {log})", file=sys.stderr, flush=True)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    with open(log, "w") as handle:
+        code = subprocess.call([sys.executable, "-m", module, *arguments], cwd=workdir, stdout=handle,
+                               stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"stage {name} exited with {code}; the end of {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def curve(summary: dict) -> dict[str, list[float]]:
+    """Per-evaluation and per-step series of one RL run's summary JSON."""
+    evaluations = summary["evaluations"]
+    if not evaluations:
+        raise RuntimeError("the RL run made no held-out evaluation (eval_every_steps = 0, or no eval split)")
+    return {
+        "eval_steps": [e["steps_done"] for e in evaluations],
+        "eval_accuracy": [e["eval/accuracy"] for e in evaluations],
+        "eval_rapr": [e["eval/rapr"] for e in evaluations],
+        "train_steps": [h["step"] + 1 for h in summary["history"]],
+        "train_rapr": [h["metrics"]["rollout/rapr"] for h in summary["history"]],
+        "train_accuracy": [h["metrics"]["reward/accuracy"] for h in summary["history"]],
+    }
+
+
+def results_of(curves: dict[str, dict], timings: dict[str, float]) -> dict:
+    with_curiosity, without = curves["curiosity"], curves["no-curiosity"]
+    warm_start = with_curiosity["eval_accuracy"][0]
+    final = {name: {"accuracy": c["eval_accuracy"][-1], "rapr": c["eval_rapr"][-1]} for name, c in curves.items()}
+    lift = final["curiosity"]["accuracy"] - warm_start
+    goals = {
+        f"curiosity lifts held-out accuracy by >= {GOAL_LIFT:.2f}": lift >= GOAL_LIFT,
+        f"curiosity run keeps RaPR >= {GOAL_RAPR}": final["curiosity"]["rapr"] >= GOAL_RAPR,
+        "alpha=0 run's RaPR ends below the curiosity run's": final["no-curiosity"]["rapr"] < final["curiosity"]["rapr"],
+    }
+    return {
+        "warm_start": {"accuracy": warm_start, "rapr": with_curiosity["eval_rapr"][0],
+                       "accuracy_seen_by_alpha0_run": without["eval_accuracy"][0]},
+        "final": final, "lift": lift, "goals": goals, "curves": curves, "wall_s": timings,
+    }
+
+
+def format_table(results: dict) -> str:
+    rows = [("warm start (SFT)", results["warm_start"]["accuracy"], results["warm_start"]["rapr"]),
+            ("RL with curiosity", results["final"]["curiosity"]["accuracy"], results["final"]["curiosity"]["rapr"]),
+            ("RL, alpha = 0", results["final"]["no-curiosity"]["accuracy"], results["final"]["no-curiosity"]["rapr"])]
+    lines = [f"{'held-out (greedy)':<22}{'accuracy':>10}{'RaPR':>8}"]
+    lines += [f"{name:<22}{accuracy:>10.3f}{rapr:>8.3f}" for name, accuracy, rapr in rows]
+    lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
+    lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
+    lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for (name, c), colour in zip(curves.items(), ("tab:blue", "tab:red")):
+        left.plot(c["eval_steps"], c["eval_accuracy"], "o-", color=colour, label=name)
+        right.plot(c["eval_steps"], c["eval_rapr"], "o-", color=colour, label=f"{name}, held-out")
+        right.plot(c["train_steps"], c["train_rapr"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
+    left.set(title="held-out accuracy (greedy)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    right.axhline(GOAL_RAPR, color="grey", lw=0.8, ls="--")
+    right.set(title="RaPR: share of answers that used a visual operation", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
+    left.legend()
+    right.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def log_to_mlflow(workdir: Path, config_name: str, results: dict, plot_path: Path, json_path: Path) -> str:
+    import mlflow
+
+    from cluster.config import load_config
+
+    tracking = load_config(config_name, []).tracking
+    uri = tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative to the stages' folder
+        uri = "sqlite:///" + str(workdir / uri[len("sqlite:///"):])
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(tracking.experiment)
+    with mlflow.start_run(run_name="learning-summary") as run:
+        mlflow.log_metrics({"warm_start/accuracy": results["warm_start"]["accuracy"], "lift": results["lift"],
+                            **{f"{name}/{k}": v for name, final in results["final"].items() for k, v in final.items()}})
+        mlflow.log_artifact(str(plot_path))
+        mlflow.log_artifact(str(json_path))
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = args.config if not Path(args.config).exists() else str(Path(args.config).resolve())
+    timings: dict[str, float] = {}
+    sft_dir = workdir / "sft"
+    if not args.skip_sft:
+        timings["sft"] = run_stage("sft", "cluster.sft", ["--config", config, "--summary-json", str(workdir / "sft.json"),
+                                                          f"sft.output_dir={sft_dir}", *args.overrides], workdir)
+    curves = {}
+    for name, extra in RUNS:
+        summary_path = workdir / f"rl-{name}.json"
+        timings[name] = run_stage(name, "cluster.run", [
+            "--config", config, "--summary-json", str(summary_path), f"model.path={sft_dir / 'hf'}",
+            f"tracking.run_name={name}", f"checkpoint.directory={workdir / 'checkpoints' / name}",
+            *args.overrides, *extra], workdir)
+        curves[name] = curve(json.loads(summary_path.read_text()))
+    results = results_of(curves, timings)
+    results["config"] = {"preset": args.config, "overrides": args.overrides}
+    plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
+    results["plot"] = str(plot_path)
+    json_path = Path(args.json).resolve() if args.json else workdir / "learning.json"
+    json_path.write_text(json.dumps(results, indent=2))
+    results["mlflow_run_id"] = log_to_mlflow(workdir, config, results, plot_path, json_path)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(format_table(results))
+    print(f"plot: {plot_path}\njson: {json_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

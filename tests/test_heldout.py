@@ -1,0 +1,41 @@
+"""Held-out scoring inside an RL run (cluster/heldout.py) and the learning benchmark's report."""
+import pytest
+
+from benchmarks.learning import format_table, results_of
+from cluster.eval_metrics import EvalOutcome, summarize
+from cluster.heldout import as_eval_record
+from policies.data import PromptRecord
+
+
+def record(qid, answer, **metadata):
+    return PromptRecord(qid, "Which pattern? \\boxed{}", ("/x.png",), False, (answer,), metadata)
+
+
+def test_heldout_records_are_scored_by_their_verifier_with_rapr():
+    records = [as_eval_record(record("a", "vertical"), "text"), as_eval_record(record("b", "diagonal"), "text"),
+               as_eval_record(record("c", "3", answer_type="count"), "text"), as_eval_record(record("d", "checkered"), "text")]
+    assert records[2].answer_type == "count" and "answer_type" not in records[2].metadata
+    outcomes = [EvalOutcome(records[0], "\\boxed{Vertical}", 1), EvalOutcome(records[1], "\\boxed{vertical}", 2),
+                EvalOutcome(records[2], "\\boxed{three}", 0), EvalOutcome(records[3], "no answer", 0)]
+    metrics = summarize("heldout", outcomes)["metrics"]
+    assert metrics["accuracy"] == pytest.approx(0.5)  # a (case-insensitive) and c (number word) right
+    assert metrics["rapr"] == pytest.approx(0.5)
+    assert metrics["score_with_tools"] == pytest.approx(0.5) and metrics["score_without_tools"] == pytest.approx(0.5)
+    assert not any(name.startswith("accuracy/") for name in metrics)
+
+
+def curve(accuracy, rapr):
+    steps = list(range(0, 5 * len(accuracy), 5))
+    return {"eval_steps": steps, "eval_accuracy": accuracy, "eval_rapr": rapr,
+            "train_steps": steps[1:], "train_rapr": rapr[1:], "train_accuracy": accuracy[1:]}
+
+
+def test_learning_report_checks_each_goal_against_the_curves():
+    met = results_of({"curiosity": curve([0.30, 0.40, 0.50], [0.6, 0.5, 0.45]),
+                      "no-curiosity": curve([0.30, 0.35, 0.40], [0.6, 0.3, 0.10])}, {"sft": 10.0})
+    assert met["lift"] == pytest.approx(0.20) and all(met["goals"].values())
+    missed = results_of({"curiosity": curve([0.30, 0.35], [0.6, 0.25]),
+                         "no-curiosity": curve([0.30, 0.50], [0.6, 0.40])}, {})
+    assert not any(missed["goals"].values())
+    table = format_table(missed)
+    assert table.count("NOT met") == 3 and "+5.0 points" in table

@@ -1,0 +1,84 @@
+"""The learnable form of the synthetic zoom task (region hint, fine patterns) and its SFT traces."""
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from policies.sft_data import synthetic_zoom_traces
+from policies.synthetic import PATTERNS, REGIONS, SyntheticZoomSpec, draw_example, pattern_tile, region_box
+from policies.visual_ops import PixelBudgets, resize_to_budget, run_turn
+
+SPEC = SyntheticZoomSpec(canvas_size=448, square_size=36, region_hint=True, grid=2, detail="pattern",
+                         colour_noise=20, pixel_noise=16)
+BUDGETS = PixelBudgets(original_max_pixels=16 * 784, crop_max_pixels=100 * 784)
+
+
+def crop_call(box):
+    return '<tool_call>{"name": "crop_image", "arguments": {"bbox_2d": %s, "target_image": 1}}</tool_call>' % json.dumps(box)
+
+
+def test_a_pattern_vanishes_in_the_view_and_is_plain_in_the_crop():
+    canvas = Image.new("RGB", (448, 448), (128, 128, 128))
+    views, crops = {}, {}
+    for pattern in PATTERNS:
+        image = canvas.copy()
+        image.paste(pattern_tile(pattern, 36, 2), (60, 300))
+        views[pattern] = np.asarray(resize_to_budget(image, BUDGETS.min_pixels, BUDGETS.original_max_pixels), dtype=int)
+        observation = run_turn(crop_call(region_box(SPEC, 2)), [image], BUDGETS)  # bottom-left quadrant
+        assert observation.ok
+        crops[pattern] = np.asarray(observation.view_images[0], dtype=int)
+    pairs = [(a, b) for i, a in enumerate(PATTERNS) for b in PATTERNS[i + 1:]]
+    assert max(np.abs(views[a] - views[b]).max() for a, b in pairs) <= 3  # below the pixel noise
+    assert min(np.abs(crops[a] - crops[b]).max() for a, b in pairs) >= 60
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_the_question_names_the_cell_that_holds_the_square(grid):
+    spec = SPEC.model_copy(update={"grid": grid})
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        example = draw_example(spec, rng)
+        region = next(name for name in REGIONS[grid] if f"in the {name} part" in example.question)
+        seen.add(region)
+        cell = region_box(spec, REGIONS[grid].index(region))
+        assert example.region_box == cell and example.answer in PATTERNS
+        x1, y1, x2, y2 = example.gold_box
+        assert cell[0] - 0.01 <= x1 < x2 <= cell[2] + 0.01 and cell[1] - 0.01 <= y1 < y2 <= cell[3] + 0.01
+    assert seen == set(REGIONS[grid])
+
+
+def test_defaults_keep_the_original_task():
+    example = draw_example(SyntheticZoomSpec(), random.Random(3))
+    assert example.region_box is None and "colour" in example.question
+    assert np.asarray(example.image)[..., 0].std() > 0
+
+
+def test_a_square_too_large_for_its_cell_is_refused():
+    with pytest.raises(ValidationError, match="square_size"):
+        SyntheticZoomSpec(canvas_size=448, square_size=80, region_hint=True, grid=3)
+
+
+def test_hinted_traces_crop_the_named_cell_and_direct_traces_answer_at_once(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = synthetic_zoom_traces(tokenizer, SPEC, 40, BUDGETS, self_correction_fraction=0.5, seed=1,
+                                     direct_fraction=0.3)
+    kinds = {e.kind for e in examples}
+    assert {"direct", "zoom", "zoom_miss"} <= kinds
+    for example in examples:
+        calls = [json.loads(part.split("</tool_call>")[0]) for part in example.assistant_text.split("<tool_call>")[1:]]
+        assert example.assistant_text.endswith("\\boxed{%s}" % example.metadata["colour"])
+        if example.kind == "direct":
+            assert calls == [] and len(example.images) == 1
+            continue
+        final_box = calls[-1]["arguments"]["bbox_2d"]
+        x1, y1, x2, y2 = example.metadata["gold_box"]
+        assert final_box in [region_box(SPEC, cell) for cell in range(4)]
+        assert final_box[0] <= x1 and final_box[1] <= y1 and final_box[2] >= x2 and final_box[3] >= y2
+        if example.kind == "zoom_miss":
+            assert calls[0]["arguments"]["bbox_2d"] != final_box
