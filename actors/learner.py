@@ -127,11 +127,7 @@ class Learner:
         dtype = next(self.engine.module.parameters()).dtype
         for index in range(self.gradient_accumulation_steps):
             chunk = samples[index * micro:(index + 1) * micro] or [filler]
-            batch = collate(chunk, self.image_processor, self.image_pad_id, self.pad_id)
-            inputs = dict(batch.inputs)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            logits = self.engine(**inputs).logits
+            batch, logits = self._forward(chunk, dtype)
             logprobs = token_logprobs(logits, batch.targets, self.temperature)
             reference = None
             if self.reference is not None:
@@ -150,6 +146,14 @@ class Learner:
         totals["train_s"] = time.perf_counter() - started
         return totals
 
+    def _forward(self, chunk: list[TrainSample], dtype):
+        """The micro-batch of `chunk` and the training engine's logits on it (pixels in the model's dtype)."""
+        batch = collate(chunk, self.image_processor, self.image_pad_id, self.pad_id)
+        inputs = dict(batch.inputs)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return batch, self.engine(**inputs).logits
+
     def sft_step(self, samples: list[TrainSample], filler: TrainSample, global_tokens: int) -> dict:
         """One optimizer step of supervised fine-tuning on this rank's share: token-level
         cross-entropy on the loss-mask tokens, averaged over the `global_tokens` of the whole
@@ -165,11 +169,7 @@ class Learner:
         lr = self.engine.get_lr()[0]  # the lr this step runs at
         for index in range(self.gradient_accumulation_steps):
             chunk = samples[index * micro:(index + 1) * micro] or [filler]
-            batch = collate(chunk, self.image_processor, self.image_pad_id, self.pad_id)
-            inputs = dict(batch.inputs)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-            logits = self.engine(**inputs).logits
+            batch, logits = self._forward(chunk, dtype)
             logprobs = token_logprobs(logits, batch.targets)  # temperature 1: the data's distribution
             nll = -(logprobs * batch.loss_mask).sum()
             self.engine.backward(nll / tokens_per_rank, scale_wrt_gas=False)

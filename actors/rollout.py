@@ -119,12 +119,7 @@ class RolloutWorker:
         max_images = max(1, tool_config.budgets.num_video_frames) + rollout_config.max_tool_calls * 8
         self.engine = VLLMEngine(model_path, rollout_config, dtype, seed, max_images)
         self.tools = ToolPool(tool_config)
-        self.settings = EpisodeSettings(
-            max_tool_calls=rollout_config.max_tool_calls,
-            max_new_tokens_per_turn=rollout_config.max_new_tokens_per_turn,
-            max_model_len=rollout_config.max_model_len,
-            budgets=tool_config.budgets,
-        )
+        self.settings = EpisodeSettings.from_config(rollout_config, tool_config.budgets)
         self.policy_version = 0
         self.startup_s = time.perf_counter() - started
 

@@ -162,12 +162,7 @@ class SimulatedRolloutWorker:
             from actors.tools import ToolPool
 
             self.tools = ToolPool(tool_config)
-        self.settings = EpisodeSettings(
-            max_tool_calls=rollout_config.max_tool_calls,
-            max_new_tokens_per_turn=rollout_config.max_new_tokens_per_turn,
-            max_model_len=rollout_config.max_model_len,
-            budgets=tool_config.budgets,
-        )
+        self.settings = EpisodeSettings.from_config(rollout_config, tool_config.budgets)
         self._stub_views: dict[tuple[int, int], Any] = {}
         # the order of calls and updates (cluster/pipeline.py): calls below `_calls_done` all returned
         self._calls_done, self._finished_calls = 0, set()

@@ -412,9 +412,7 @@ def _bare_vllm_class():
             max_images = max(1, tool_config.budgets.num_video_frames) + rollout_config.max_tool_calls * 8
             self.config = rollout_config
             self.engine = VLLMEngine(model_path, rollout_config, dtype, seed, max_images)
-            self.settings = EpisodeSettings(max_tool_calls=rollout_config.max_tool_calls,
-                                            max_new_tokens_per_turn=rollout_config.max_new_tokens_per_turn,
-                                            max_model_len=rollout_config.max_model_len, budgets=tool_config.budgets)
+            self.settings = EpisodeSettings.from_config(rollout_config, tool_config.budgets)
 
         def prepare(self, tasks: list, group_size: int, seed: int) -> int:
             """The first-turn requests of `tasks` as the workflow builds them (untimed)."""

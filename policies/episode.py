@@ -52,6 +52,13 @@ class EpisodeSettings:
     max_model_len: int = 2048
     budgets: PixelBudgets = field(default_factory=PixelBudgets)
 
+    @classmethod
+    def from_config(cls, rollout_config, budgets: PixelBudgets) -> "EpisodeSettings":
+        """The limits of a run's `rollout` config section and the tools' pixel budgets."""
+        return cls(max_tool_calls=rollout_config.max_tool_calls,
+                   max_new_tokens_per_turn=rollout_config.max_new_tokens_per_turn,
+                   max_model_len=rollout_config.max_model_len, budgets=budgets)
+
 
 @dataclass
 class Episode:

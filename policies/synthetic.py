@@ -107,19 +107,19 @@ def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
                 fill = tuple(min(255, max(0, grey + rng.randint(-spec.colour_noise, spec.colour_noise))) for _ in range(3))
             draw.rectangle([x, y, x + block - 1, y + block - 1], fill=fill)
     answer = rng.choice(PATTERNS if spec.detail == "pattern" else sorted(COLOURS))
-    low, high = (side, size - side - side), (side, size - side - side)  # x and y ranges of the corner
+    x_range = y_range = (side, size - side - side)  # where the square's top-left corner may go
     cell, question, hinted = None, QUESTION, None
     if spec.region_hint:
         cell = rng.randrange(spec.grid * spec.grid)
         row, column = divmod(cell, spec.grid)
         edges = [round(i * size / spec.grid) for i in range(spec.grid + 1)]
         margin = side // 2  # keep the square clear of the cell's edges
-        low = (edges[column] + margin, edges[column + 1] - margin - side)
-        high = (edges[row] + margin, edges[row + 1] - margin - side)
+        x_range = (edges[column] + margin, edges[column + 1] - margin - side)
+        y_range = (edges[row] + margin, edges[row + 1] - margin - side)
         question = (PATTERN_QUESTION if spec.detail == "pattern" else HINTED_QUESTION).format(region=REGIONS[spec.grid][cell])
         hinted = region_box(spec, cell)
-    x0 = rng.randint(*low)
-    y0 = rng.randint(*high)
+    x0 = rng.randint(*x_range)
+    y0 = rng.randint(*y_range)
     if spec.detail == "pattern":
         image.paste(pattern_tile(answer, side, spec.pattern_period), (x0, y0))
     else:
