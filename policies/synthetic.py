@@ -33,9 +33,12 @@ COLOURS = {
 QUESTION = "What is the colour of the small square in the image? Answer with one word in \\boxed{}."
 # Fine black-and-white patterns of equal mean: a downscaled view (antialiased) turns all of them
 # into the same grey, so unlike a colour, which survives averaging, the pattern needs the pixels.
-PATTERNS = ("checkered", "diagonal", "horizontal", "vertical")
+# Four stripe orientations: each puts its energy in one distinct spatial-frequency direction, so a
+# small ViT tells them apart from a few patches (a checkerboard, which is two diagonals at once,
+# stayed confused with one diagonal in a direct probe of the tiny model).
+PATTERNS = ("horizontal", "vertical", "rising", "falling")
 PATTERN_QUESTION = ("The small square is in the {region} part of the image. Which pattern fills it: "
-                    "checkered, diagonal, horizontal or vertical? Answer with one word in \\boxed{{}}.")
+                    "horizontal, vertical, rising or falling stripes? Answer with one word in \\boxed{{}}.")
 HINTED_QUESTION = ("The small square is in the {region} part of the image. What is its colour? "
                    "Answer with one word in \\boxed{{}}.")
 # Cell names, row by row, per grid size.
@@ -64,14 +67,15 @@ class SyntheticZoomSpec(BaseModel):
     grid: Literal[2, 3] = 3
     colour_noise: int = Field(default=0, ge=0, le=100)  # per-channel jitter of background blocks
     detail: Literal["colour", "pattern"] = "colour"  # what the question asks about the square
-    pattern_period: int = Field(default=2, ge=2)  # px at full resolution, one dark + one light half
+    pattern_period: int = Field(default=4, ge=3)  # px at full resolution, one dark + one light half (2 px would make rising and falling the same checkerboard)
     pixel_noise: int = Field(default=0, ge=0, le=100)  # per-pixel uniform jitter (a sensor's noise)
     seed: int = 0
 
     @model_validator(mode="after")
     def _square_fits(self) -> "SyntheticZoomSpec":
+        # A hinted square keeps half its side clear of its cell's edges; an unhinted one a side.
         room = self.canvas_size // self.grid if self.region_hint else self.canvas_size
-        if room < 3 * self.square_size:
+        if room < (2 if self.region_hint else 3) * self.square_size:
             raise ValueError(f"square_size {self.square_size} does not fit {'a grid cell' if self.region_hint else 'the canvas'} "
                              f"of {room} px with a margin")
         return self
@@ -143,8 +147,8 @@ def pattern_tile(pattern: str, side: int, period: int, taper: int = 8):
     y, x = np.mgrid[0:side, 0:side]
     half = period // 2
     light = {"horizontal": (y % period) < half, "vertical": (x % period) < half,
-             "checkered": ((x % period) < half) ^ ((y % period) < half),
-             "diagonal": ((x + y) % period) < half}[pattern]
+             "rising": ((x + y) % period) < half,  # lines x + y = c run up to the right: /
+             "falling": ((x - y) % period) < half}[pattern]
     ramp = np.clip((np.minimum(np.arange(side), np.arange(side)[::-1]) + 0.5) / taper, 0.0, 1.0)
     contrast = 127.5 * np.outer(ramp, ramp)
     tile = np.rint(127.5 + np.where(light, contrast, -contrast)).astype(np.uint8)

@@ -25,7 +25,7 @@ def test_a_pattern_vanishes_in_the_view_and_is_plain_in_the_crop():
     views, crops = {}, {}
     for pattern in PATTERNS:
         image = canvas.copy()
-        image.paste(pattern_tile(pattern, 36, 2), (60, 300))
+        image.paste(pattern_tile(pattern, 96, 4), (40, 260))
         views[pattern] = np.asarray(resize_to_budget(image, BUDGETS.min_pixels, BUDGETS.original_max_pixels), dtype=int)
         observation = run_turn(crop_call(region_box(SPEC, 2)), [image], BUDGETS)  # bottom-left quadrant
         assert observation.ok
