@@ -33,7 +33,7 @@ from PIL import Image
 from policies.batching import TrainSample
 from policies.episode import IMAGE_PLACEHOLDER, derive_seed, observation_token_ids, prompt_token_ids
 from policies.protocol import CROP_TOOL, TOOL_SYSTEM_PROMPT, SelectFramesCall, parse_tool_call
-from policies.synthetic import REGIONS, SyntheticZoomSpec, ZoomExample, draw_example, region_box
+from policies.synthetic import REGIONS, SyntheticZoomSpec, ZoomExample, closeup_question, draw_example, region_box
 from policies.visual_ops import ImageRole, Observation, PixelBudgets, resize_to_budget, run_turn
 
 logger = logging.getLogger(__name__)
@@ -350,6 +350,7 @@ def synthetic_zoom_traces(
     self_correction_fraction: float = 0.3,
     seed: int = 0,
     direct_fraction: float = 0.0,
+    closeup_fraction: float = 0.0,
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
@@ -361,9 +362,14 @@ def synthetic_zoom_traces(
     misses the square ("zoom_miss": another cell under region_hint), half by a malformed call that
     returns an "Execution error" ("zoom_error"); then the text of the fix, the right crop, its
     observation, the answer. A `direct_fraction` of the traces answer at once without any tool call
-    ("direct"), like the text-only reasoning of the paper's warm-start data.
+    ("direct"), like the text-only reasoning of the paper's warm-start data. A `closeup_fraction`
+    are perception examples ("closeup"): the prompt's only image is the crop of the square's region,
+    at the crop budget, and the answer follows at once. They stand in for the perception pretraining
+    a real VLM brings: a random tiny model learns to read the pattern from them in a few hundred
+    steps, while the single answer token of a tool-use trace teaches it far more slowly.
     """
-    for name, value in (("self_correction_fraction", self_correction_fraction), ("direct_fraction", direct_fraction)):
+    for name, value in (("self_correction_fraction", self_correction_fraction), ("direct_fraction", direct_fraction),
+                        ("closeup_fraction", closeup_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1]")
     rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(), seed))
@@ -375,6 +381,8 @@ def synthetic_zoom_traces(
             kind = rng.choice(("zoom_miss", "zoom_error"))
         if direct_fraction and rng.random() < direct_fraction:
             kind = "direct"
+        if closeup_fraction and rng.random() < closeup_fraction:
+            kind = "closeup"
         examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}"))
     return examples
 
@@ -382,11 +390,18 @@ def synthetic_zoom_traces(
 def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budgets: PixelBudgets,
                 kind: str, rng: random.Random, qid: str) -> SFTExample:
     original, colour, gold = example.image, example.answer, example.gold_box
+    gold_pixels = _pixel_box(gold, original.size)
+    metadata: dict[str, Any] = {"colour": colour, "gold_box": list(gold)}
+    if kind == "closeup":
+        closeup = run_turn(crop_call(example.region_box or _box_around(gold, rng)), [original], budgets)
+        if not closeup.ok or not _contains(closeup.box_pixels, gold_pixels):
+            raise AssertionError(f"the close-up of {qid} does not contain the square: {closeup}")
+        builder = _Builder(tokenizer, prompt_token_ids(tokenizer, closeup_question(spec)), closeup.view_images)
+        builder.assistant(answer_text(colour))
+        return builder.finish(qid=qid, kind=kind, metadata=metadata)
     view = resize_to_budget(original, budgets.min_pixels, budgets.original_max_pixels, budgets.patch_factor)
     builder = _Builder(tokenizer, prompt_token_ids(tokenizer, example.question), [view])
     sources: list = [original]
-    gold_pixels = _pixel_box(gold, original.size)
-    metadata: dict[str, Any] = {"colour": colour, "gold_box": list(gold)}
 
     def act(text: str) -> Observation:
         builder.assistant(text)

@@ -41,6 +41,12 @@ PATTERN_QUESTION = ("The small square is in the {region} part of the image. Whic
                     "horizontal, vertical, rising or falling stripes? Answer with one word in \\boxed{{}}.")
 HINTED_QUESTION = ("The small square is in the {region} part of the image. What is its colour? "
                    "Answer with one word in \\boxed{{}}.")
+# Perception examples of the warm start (policies/sft_data.py "closeup"): the close-up is the image.
+CLOSEUP_QUESTIONS = {
+    "colour": "What is the colour of the square in this close-up? Answer with one word in \\boxed{}.",
+    "pattern": ("Which pattern fills the square in this close-up: horizontal, vertical, rising or falling "
+                "stripes? Answer with one word in \\boxed{}."),
+}
 # Cell names, row by row, per grid size.
 REGIONS = {
     2: ("top-left", "top-right", "bottom-left", "bottom-right"),
@@ -200,6 +206,10 @@ def ensure_synthetic_zoom(spec: SyntheticZoomSpec, cache_dir: Path) -> dict[str,
     return ensure_synthetic_zoom(spec, cache_dir)
 
 
+def closeup_question(spec: SyntheticZoomSpec) -> str:
+    return CLOSEUP_QUESTIONS[spec.detail]
+
+
 def corpus_sentences() -> list[str]:
     """Sentences in the task's vocabulary, for training the tiny tokenizer."""
     rng = random.Random(0)
@@ -214,7 +224,7 @@ def corpus_sentences() -> list[str]:
         "Here are the selected frames (Frame Numbers: 1, 2, 3):",
     ]
     hinted = [q.format(region=name) for name in REGIONS[3] for q in (HINTED_QUESTION, PATTERN_QUESTION)]
-    sentences = [QUESTION] * 50 + hinted * 10 + reasoning * 30
+    sentences = [QUESTION] * 50 + hinted * 10 + reasoning * 30 + list(CLOSEUP_QUESTIONS.values()) * 20
     for _ in range(2000):
         colour = rng.choice(sorted(COLOURS))
         sentences.append(f"{rng.choice(reasoning)} The answer is \\boxed{{{colour}}}.")

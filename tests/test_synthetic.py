@@ -82,3 +82,19 @@ def test_hinted_traces_crop_the_named_cell_and_direct_traces_answer_at_once(tiny
         assert final_box[0] <= x1 and final_box[1] <= y1 and final_box[2] >= x2 and final_box[3] >= y2
         if example.kind == "zoom_miss":
             assert calls[0]["arguments"]["bbox_2d"] != final_box
+
+
+def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = synthetic_zoom_traces(tokenizer, SPEC, 30, BUDGETS, self_correction_fraction=0.0, seed=2,
+                                     closeup_fraction=0.5)
+    closeups = [e for e in examples if e.kind == "closeup"]
+    assert 5 <= len(closeups) < len(examples)
+    for example in closeups:
+        # a padded quadrant of the 448 px canvas (269 px) at the 100-token crop budget: 280 x 280
+        assert len(example.images) == 1 and example.images[0].shape == (280, 280, 3)
+        assert "<tool_call>" not in example.assistant_text
+        assert example.assistant_text.endswith("\\boxed{%s}" % example.metadata["colour"])
+        assert tokenizer.decode(example.token_ids).count("close-up") == 1
