@@ -115,13 +115,14 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for (name, c), colour in zip(curves.items(), ("tab:blue", "tab:red")):
-        left.plot(c["eval_steps"], c["eval_accuracy"], "o-", color=colour, label=name)
+        left.plot(c["eval_steps"], c["eval_accuracy"], "o-", color=colour, label=f"{name}, held-out")
+        left.plot(c["train_steps"], c["train_accuracy"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
         right.plot(c["eval_steps"], c["eval_rapr"], "o-", color=colour, label=f"{name}, held-out")
         right.plot(c["train_steps"], c["train_rapr"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
-    left.set(title="held-out accuracy (greedy)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
+    left.set(title="accuracy: held-out (greedy), training batches (sampled)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     right.axhline(GOAL_RAPR, color="grey", lw=0.8, ls="--")
     right.set(title="RaPR: share of answers that used a visual operation", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
-    left.legend()
+    left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -75,6 +75,10 @@ class SyntheticZoomSpec(BaseModel):
     detail: Literal["colour", "pattern"] = "colour"  # what the question asks about the square
     pattern_period: int = Field(default=4, ge=3)  # px at full resolution, one dark + one light half (2 px would make rising and falling the same checkerboard)
     pixel_noise: int = Field(default=0, ge=0, le=100)  # per-pixel uniform jitter (a sensor's noise)
+    # Share of examples whose answer is the first option (PATTERNS[0], or the first colour), the
+    # rest uniform over the others: a prior a model can exploit without looking, like the language
+    # priors of real VQA data. None: uniform.
+    prior_fraction: float | None = Field(default=None, ge=0, le=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -116,7 +120,11 @@ def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
             if spec.colour_noise:
                 fill = tuple(min(255, max(0, grey + rng.randint(-spec.colour_noise, spec.colour_noise))) for _ in range(3))
             draw.rectangle([x, y, x + block - 1, y + block - 1], fill=fill)
-    answer = rng.choice(PATTERNS if spec.detail == "pattern" else sorted(COLOURS))
+    options = PATTERNS if spec.detail == "pattern" else sorted(COLOURS)
+    if spec.prior_fraction is None:
+        answer = rng.choice(options)
+    else:
+        answer = options[0] if rng.random() < spec.prior_fraction else rng.choice(options[1:])
     x_range = y_range = (side, size - side - side)  # where the square's top-left corner may go
     cell, question, hinted = None, QUESTION, None
     if spec.region_hint:

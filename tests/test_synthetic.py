@@ -98,3 +98,11 @@ def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_
         assert "<tool_call>" not in example.assistant_text
         assert example.assistant_text.endswith("\\boxed{%s}" % example.metadata["colour"])
         assert tokenizer.decode(example.token_ids).count("close-up") == 1
+
+
+def test_prior_fraction_skews_answers_towards_the_first_option():
+    spec = SPEC.model_copy(update={"prior_fraction": 0.6})
+    rng = random.Random(5)
+    answers = [draw_example(spec, rng).answer for _ in range(400)]
+    assert 0.52 < answers.count(PATTERNS[0]) / 400 < 0.68
+    assert all(0.08 < answers.count(p) / 400 < 0.2 for p in PATTERNS[1:])
