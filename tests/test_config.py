@@ -61,3 +61,14 @@ def test_flatten_gives_dotted_string_params():
     flat = flatten(PixelRayConfig())
     assert flat["trainer.lr"] == "1e-05"
     assert flat["reward.curiosity.alpha"] == "0.5"
+
+
+def test_learning_preset_validates_and_keeps_the_view_too_coarse_for_the_pattern():
+    config = load_config("zoom-curiosity")
+    task, budgets = config.data.synthetic, config.tools.budgets
+    assert task.region_hint and task.detail == "pattern" and task.prior_fraction == 0.55
+    # the view shrinks the canvas at least 4x, past the pattern's period, and a crop does not
+    view_side = (budgets.original_max_pixels ** 0.5)
+    assert task.canvas_size / view_side >= task.pattern_period
+    assert budgets.crop_max_pixels >= (task.canvas_size / task.grid) ** 2
+    assert config.reward.curiosity.alpha > 0 and config.sft.closeup_fraction > 0
