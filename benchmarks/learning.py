@@ -6,16 +6,16 @@ does RL without it fall into the paper's learning trap?
 
 One command runs the recipe of `cluster/configs/zoom-curiosity.yaml` (each stage is the project's
 own entry point, in its own process, so each starts and stops its own local Ray):
-1. warm-start SFT (`python -m cluster.sft`) on generated traces, incl. self-correction and direct
-   (no-zoom) traces;
-2. RL with curiosity (`python -m cluster.run`, the preset's reward: alpha 0.5, H 0.3) from the SFT
+1. warm-start SFT (`python -m cluster.sft`) on generated traces, incl. self-correction, direct
+   (no-zoom) traces and close-up perception examples;
+2. RL with curiosity (`python -m cluster.run`, the preset's reward: alpha 2, H 0.6) from the SFT
    checkpoint;
 3. the same RL with `reward.curiosity.alpha=0`, same seed, same data.
 Both RL runs evaluate the held-out split greedily before the first step and every
 `eval_every_steps` steps. The table reports held-out accuracy after warm start, after RL with and
 without curiosity, RaPR at the end of each, and the issue's goals; the plot (PNG, also logged to
 MLflow with the JSON in a "learning-summary" run) shows held-out accuracy and RaPR per step for
-both runs, plus the training batches' RaPR. Extra `key.path=value` overrides go to every stage.
+both runs, plus the training batches' accuracy and RaPR. Extra `key.path=value` overrides go to every stage.
 """
 from __future__ import annotations
 
