@@ -68,6 +68,9 @@ class RolloutConfig(Section):
     # on by default for GPU engines, where a decode step costs about the same whatever the batch.
     # Simulated engines: `simulation.batching`.
     continuous_batching: bool = True
+    # Prompt images the driver keeps put in the object store, by path (LRU by pixel bytes): a
+    # revisited prompt ships no pixels. Each cached image stays pinned in the store; 0: no cache.
+    image_cache_bytes: int = Field(default=1 << 30, ge=0)
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     kv_cache_gib: int = Field(default=1, ge=1)  # CPU engines only (vLLM reads whole GiB)
     cpu_threads_bind: str = "auto"  # CPU engines only: VLLM_CPU_OMP_THREADS_BIND

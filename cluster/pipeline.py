@@ -18,7 +18,7 @@ With k > 0, `run` trains a step in a second thread while the driver gathers and 
 driver's share of the work; the order of submissions and weight publishing is unchanged.
 
 Prompt images are loaded from disk and put in the object store once per path and reused (an LRU
-of references bounded by `image_cache_bytes`): a step re-visiting a prompt ships no pixels.
+of references bounded by `rollout.image_cache_bytes`): a step re-visiting a prompt ships no pixels.
 """
 from __future__ import annotations
 
@@ -118,16 +118,13 @@ def load_image_array(path: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-DEFAULT_IMAGE_CACHE_BYTES = 1 << 30
-
-
 class ImageRefCache:
     """Object-store references of prompt images by path, loaded and put once (LRU by pixel bytes).
 
     A cached reference keeps its image pinned in the object store, hence the bound; 0 disables the
     cache (every prompt loads and puts its image again)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
+    def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: OrderedDict[str, tuple] = OrderedDict()  # path -> (ref, nbytes)
         self.hits = self.misses = 0
@@ -153,10 +150,9 @@ class ImageRefCache:
 class RLPipeline:
     """Owns the actors of one run; `step()` runs one RL iteration."""
 
-    def __init__(self, config: PixelRayConfig, model_path: str, records: list[PromptRecord],
-                 image_cache_bytes: int = DEFAULT_IMAGE_CACHE_BYTES):
+    def __init__(self, config: PixelRayConfig, model_path: str, records: list[PromptRecord]):
         self.config = config
-        self.images = ImageRefCache(image_cache_bytes)
+        self.images = ImageRefCache(config.rollout.image_cache_bytes)
         self.prompts = PromptStream(records, config.data.shuffle, config.seed)
         rollout, trainer = config.rollout, config.trainer
         env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}

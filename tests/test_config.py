@@ -35,6 +35,7 @@ def test_dotted_overrides_are_typed():
         ("trainer.zero_stage=5", "trainer.zero_stage"),
         ("reward.curiosity.variant=mine", "reward.curiosity.variant"),
         ("tools.pool_size=0", "tools.pool_size"),
+        ("rollout.image_cache_bytes=-1", "rollout.image_cache_bytes"),
     ],
 )
 def test_bad_values_fail_with_the_field_named(override, field):
