@@ -523,14 +523,14 @@ def real_generation(args) -> list[dict]:
     import ray
 
     from actors.rollout import RolloutWorker
-    from cluster.runtime import actor_env_vars
+    from cluster.runtime import run_env_vars
     from policies.episode import derive_seed
 
     seed = derive_seed(0, "bench-c")
 
     def start_worker(config, model_path, cls=RolloutWorker):
         rollout = config.rollout
-        env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
+        env = {"env_vars": run_env_vars(config)}
         return cls.options(num_cpus=rollout.num_cpus, runtime_env=env).remote(
             model_path, rollout, config.tools, config.model.dtype, config.seed)
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from cluster.config import ConfigError, PixelRayConfig, load_config
 from cluster.eval_data import BENCHMARKS, EvalDataError, EvalRecord, load_eval_set, video_source
 from cluster.eval_metrics import EvalOutcome, format_table, summarize
-from cluster.runtime import actor_env_vars, apply_env
+from cluster.runtime import apply_env, run_env_vars
 
 _SHOWN_MISSING = 5
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {len(missing)} media file(s) not found (set --media-root?): {shown}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    apply_env(actor_env_vars(config.device, config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind))
+    apply_env(run_env_vars(config))
     started = time.perf_counter()
     try:
         ray = start_ray(config)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     status = "FAILED"
     try:
         rollout = config.rollout
-        env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
+        env = {"env_vars": run_env_vars(config)}
         workers = [
             RolloutWorker.options(num_cpus=rollout.num_cpus, num_gpus=rollout.num_gpus, runtime_env=env).remote(
                 args.model, rollout, config.tools, config.model.dtype, config.seed + index,

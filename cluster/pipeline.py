@@ -37,7 +37,7 @@ from actors.learner import LearnerGroup
 from actors.reward import RewardActor
 from actors.rollout import PromptTask, RolloutWorker
 from cluster.config import PixelRayConfig
-from cluster.runtime import actor_env_vars
+from cluster.runtime import run_env_vars
 from policies.batching import TrainSample
 from policies.data import PromptRecord
 from policies.episode import derive_seed
@@ -155,7 +155,7 @@ class RLPipeline:
         self.images = ImageRefCache(config.rollout.image_cache_bytes)
         self.prompts = PromptStream(records, config.data.shuffle, config.seed)
         rollout, trainer = config.rollout, config.trainer
-        env = {"env_vars": actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)}
+        env = {"env_vars": run_env_vars(config)}
         worker_class, learner_class, simulation = RolloutWorker, LearnerGroup, {}
         if rollout.engine == "simulated":  # time-modelled engines and learners, same interfaces
             from actors.simulated import SimulatedLearnerGroup, SimulatedRolloutWorker

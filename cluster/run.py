@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cluster.checkpoint import CheckpointManager
 from cluster.config import ConfigError, PixelRayConfig, load_config
-from cluster.runtime import actor_env_vars, apply_env, cache_root
+from cluster.runtime import apply_env, cache_root, run_env_vars
 
 SUMMARY_METRICS = (
     "reward/total", "reward/accuracy", "reward/curiosity", "reward/penalty", "rollout/rapr",
@@ -109,7 +109,7 @@ def prepare(config_file: str | None, overrides: list[str]) -> PixelRayConfig | N
         print(f"error: {error}", file=sys.stderr)
         return None
     logging.basicConfig(level=logging.WARNING)
-    apply_env(actor_env_vars(config.device, config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind))
+    apply_env(run_env_vars(config))
     return config
 
 

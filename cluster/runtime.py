@@ -16,6 +16,11 @@ def cache_root() -> Path:
     return root
 
 
+def run_env_vars(config) -> dict[str, str]:
+    """`actor_env_vars` for a run's config: its device and its rollout engines' CPU settings."""
+    return actor_env_vars(config.device, config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind)
+
+
 def actor_env_vars(device: str = "cpu", kv_cache_gib: int = 1, cpu_threads_bind: str = "auto") -> dict[str, str]:
     """Environment for actors on `device` ("cpu" or "cuda").
 

@@ -517,7 +517,7 @@ class PixelRayIngress:
 def build_app(args: dict | None = None):
     """The Serve application (the `import_path` of cluster/launch/serve.yaml): `args` is a
     `ServeAppConfig` as a dict. Builds the tiny model when no model is given, hashes the API key."""
-    from cluster.runtime import actor_env_vars
+    from cluster.runtime import run_env_vars
     from policies.model import ensure_tiny_model
 
     config = ServeAppConfig.model_validate(args or {})
@@ -527,7 +527,7 @@ def build_app(args: dict | None = None):
         update={"api_key": None, "api_key_env": None, "api_key_sha256": key_hash})})
     payload = config.model_dump(mode="json")
     rollout, scaling, batching, ingress = config.rollout, config.autoscaling, config.batching, config.ingress
-    env = actor_env_vars(config.device, rollout.kv_cache_gib, rollout.cpu_threads_bind)
+    env = run_env_vars(config)
     autoscaling = {
         "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
         "target_ongoing_requests": scaling.target_ongoing_requests,
@@ -610,7 +610,7 @@ def start_local_ray(num_cpus: float | None = None, env: dict | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.config import ConfigError
-    from cluster.runtime import actor_env_vars, apply_env
+    from cluster.runtime import apply_env, run_env_vars
 
     args = parse_args(argv)
     try:
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
-    env = actor_env_vars(config.device, config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind)
+    env = run_env_vars(config)
     apply_env(env)
     start_local_ray(args.num_cpus, env)
     try:

@@ -209,8 +209,7 @@ def run_episodes(
         for episode, observation in zip(tool_episodes, observations):
             _append_observation(episode, observation, tokenizer)
     for episode in episodes:
-        if not episode.done:
-            _finish(episode, "length")
+        finish_unfinished(episode)
     return [e.trajectory for e in episodes]
 
 
@@ -310,7 +309,7 @@ def append_observation(episode: Episode, observation: Observation | None, tokeni
 
 
 def finish_unfinished(episode: Episode) -> None:
-    """An episode that ran out of turns without finishing ends with "length" (as in run_episodes)."""
+    """An episode that ran out of turns without finishing ends with "length"."""
     if not episode.done:
         _finish(episode, "length")
 

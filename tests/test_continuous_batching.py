@@ -33,11 +33,9 @@ def _config(*overrides):
 
 
 def _options(config) -> dict:
-    from cluster.runtime import actor_env_vars
+    from cluster.runtime import run_env_vars
 
-    rollout = config.rollout
-    return {"num_cpus": 1, "runtime_env": {"env_vars": actor_env_vars("cpu", rollout.kv_cache_gib,
-                                                                      rollout.cpu_threads_bind)}}
+    return {"num_cpus": 1, "runtime_env": {"env_vars": run_env_vars(config)}}
 
 
 @pytest.fixture(scope="module")

@@ -404,12 +404,12 @@ def engine(ray_cluster, tiny_model_dir, tmp_path_factory):
 
     from actors.rollout import PromptTask, RolloutWorker
     from cluster.config import load_config
-    from cluster.runtime import actor_env_vars
+    from cluster.runtime import run_env_vars
     from policies.data import read_rl_parquet
     from policies.synthetic import SyntheticZoomSpec, ensure_synthetic_zoom
 
     config = load_config(None, ["rollout.max_new_tokens_per_turn=16"])
-    env = {"env_vars": actor_env_vars("cpu", config.rollout.kv_cache_gib, config.rollout.cpu_threads_bind)}
+    env = {"env_vars": run_env_vars(config)}
     worker = RolloutWorker.options(num_cpus=1, runtime_env=env).remote(
         tiny_model_dir, config.rollout, config.tools, "float32", 0)
     ray.get(worker.ready.remote())
