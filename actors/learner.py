@@ -18,6 +18,7 @@ import ray
 
 from policies.batching import TrainSample, collate, token_logprobs
 from policies.losses import micro_batch_policy_loss
+from actors.weight_sync import nontemporal_copy_env
 
 
 def deepspeed_config(trainer, gradient_accumulation_steps: int, device: str,
@@ -293,8 +294,12 @@ def learner_bundles(trainer) -> list[dict[str, float]]:
 
 
 def learner_actor_options(trainer, placement_group=None, rank: int = 0) -> dict[str, Any]:
-    """Ray options of learner `rank`: its CPUs / GPUs, and, with a placement group, its own bundle."""
+    """Ray options of learner `rank`: its CPUs / GPUs, its memcpy tuning for weight export, and, with a
+    placement group, its own bundle."""
     options: dict[str, Any] = {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner}
+    copy_env = nontemporal_copy_env(trainer.nontemporal_copy_threshold_mb)
+    if copy_env:  # merged by Ray over the job's environment
+        options["runtime_env"] = {"env_vars": copy_env}
     if placement_group is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

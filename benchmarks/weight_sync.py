@@ -53,7 +53,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import numpy as np
 import ray
 
-from actors.weight_sync import MB, ShmWriter, StagingBuffer, export_weights, reload_in_worker
+from actors.weight_sync import MB, ShmWriter, StagingBuffer, export_weights, nontemporal_copy_env, reload_in_worker
+from cluster.config import TrainerConfig
 
 GOAL = 0.5  # sync GB/s >= GOAL x memcpy GB/s (issue 5)
 
@@ -178,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="flat,direct,shm", help="wire formats (actors/weight_sync.py)")
     parser.add_argument("--shm-dir", default="/dev/shm", help='where the "shm" format writes its files')
     parser.add_argument("--shm-copy-threads", type=int, default=1, help='"shm" copy threads (the learner uses 1)')
+    parser.add_argument("--nontemporal-copy-threshold-mb", type=float,
+                        default=TrainerConfig().nontemporal_copy_threshold_mb,
+                        help="the sender's glibc non-temporal memcpy threshold (the learner's default)")
+    parser.add_argument("--glibc-default-copy", action="store_true",
+                        help="the sender keeps glibc's own non-temporal threshold (the baseline before tuning)")
     parser.add_argument("--no-copy-mode", action="store_true", help="skip the '+copy into parameters' rows")
     args = parser.parse_args(argv)
 
@@ -196,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     try:
         started = time.perf_counter()
-        sender = Sender.remote(shapes, args.dtype, args.shm_dir, args.shm_copy_threads)
+        # the sender runs with the learner's memcpy tuning (trainer.nontemporal_copy_threshold_mb)
+        copy_env = nontemporal_copy_env(None if args.glibc_default_copy else args.nontemporal_copy_threshold_mb)
+        sender = Sender.options(runtime_env={"env_vars": copy_env}).remote(
+            shapes, args.dtype, args.shm_dir, args.shm_copy_threads)
         receiver = Receiver.remote(shapes, args.dtype)
         info = ray.get(sender.info.remote())
         ray.get(receiver.checksum.remote([]))
@@ -264,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nweight sync, {info['bytes'] / 1e9:.3f} GB {args.dtype} ({info['tensors']} tensors), "
           f"median of {args.repeats}; load average {statistics.mean(loads):.1f} on {os.cpu_count()} cores")
+    print(f"sender environment (the learner's): {copy_env or 'glibc defaults'}")
     print(f"memcpy (warm): {memcpy:.2f} GB/s   memcpy into fresh memory: "
           f"{statistics.median(samples['memcpy_fresh']):.2f} GB/s   goal: sync >= {GOAL} x memcpy")
     header = (f"{'format bucket':>20} {'n':>4} {'GB/s':>6} {'best':>6} {'x memcpy':>8} {'sync ms':>8} "
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "state_dict": {"bytes": info["bytes"], "tensors": info["tensors"], "dtype": args.dtype},
             "memcpy_gb_per_s": memcpy, "memcpy_samples": samples["memcpy"],
             "memcpy_fresh_gb_per_s": statistics.median(samples["memcpy_fresh"]),
-            "goal_ratio": GOAL, "rows": rows, "samples": {k: v for k, v in samples.items()},
+            "goal_ratio": GOAL, "sender_env": copy_env, "rows": rows, "samples": {k: v for k, v in samples.items()},
             "details": details, "repeats": args.repeats, "load_average": loads, "cpus": os.cpu_count(),
         }, indent=2))
     return 0

@@ -115,8 +115,8 @@ class TrainerConfig(Section):
     # GPU/NCCL design broadcasts). "direct": the bucket's tensors are put as a list of uint8 views,
     # which Ray writes back to back into one object (one copy). "shm": learner rank 0 copies the
     # buckets into a ring of `weight_sync_shm_slots` files under `weight_sync_shm_dir`, kept mapped
-    # on both sides (one copy, no object store; about as fast as "direct" on this loaded 2-core box,
-    # faster at its best, benchmarks/weight_sync.py). SAME NODE ONLY: every rollout engine must share
+    # on both sides (one copy, no object store; 0.6x memcpy vs 0.5x for "direct" at 256 MB buckets on
+    # this 2-core box, benchmarks/weight_sync.py). SAME NODE ONLY: every rollout engine must share
     # learner rank 0's /dev/shm (an engine elsewhere fails its first sync with a clear error; use
     # "direct" across nodes), and an export stays readable for `weight_sync_shm_slots` exports, so
     # it must be >= max_staleness + 1 (checked below); the ring costs slots x the state dict in
@@ -124,6 +124,10 @@ class TrainerConfig(Section):
     weight_sync_format: Literal["flat", "direct", "shm"] = "direct"
     weight_sync_shm_dir: str = "/dev/shm"
     weight_sync_shm_slots: int = Field(default=2, ge=1)
+    # Learner processes run memcpy with non-temporal stores from this size up (glibc tunable, x86;
+    # actors.weight_sync.nontemporal_copy_env says why): the export's copies then run at memcpy speed
+    # on VMs whose reported L3 is huge. None keeps glibc's own threshold.
+    nontemporal_copy_threshold_mb: float | None = Field(default=0.25, gt=0)
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
     # Ray placement group for the learners: one bundle {CPU, GPU} per learner, each learner in its own
     # bundle; STRICT_PACK keeps all ranks on one node (NCCL over NVLink). None: no placement group.

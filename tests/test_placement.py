@@ -9,14 +9,16 @@ from ray.util.placement_group import validate_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import learner_actor_options, learner_bundles
+from actors.weight_sync import nontemporal_copy_env
 from cluster.config import ConfigError, TrainerConfig, load_config
 
 
 def test_default_is_no_placement_group_and_unchanged_options():
     trainer = load_config().trainer
     assert trainer.placement_strategy is None
-    assert learner_actor_options(trainer) == {"num_cpus": trainer.num_cpus_per_learner,
-                                              "num_gpus": trainer.num_gpus_per_learner}
+    options = learner_actor_options(trainer)
+    assert options.pop("runtime_env") == {"env_vars": nontemporal_copy_env(trainer.nontemporal_copy_threshold_mb)}
+    assert options == {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner}
 
 
 def test_gpu_preset_packs_one_bundle_per_learner_on_one_node():
@@ -36,6 +38,7 @@ def test_each_learner_goes_into_its_own_bundle(strategy):
     group = object()  # stands in for a PlacementGroup: the options only carry it
     for rank in range(3):
         options = learner_actor_options(trainer, group, rank)
+        options.pop("runtime_env")
         strategy_option = options.pop("scheduling_strategy")
         assert isinstance(strategy_option, PlacementGroupSchedulingStrategy)
         assert strategy_option.placement_group is group and strategy_option.placement_group_bundle_index == rank
@@ -64,6 +67,11 @@ def test_learners_land_in_their_bundles_on_a_local_cluster(ray_cluster):
         def placement_group_id(self):
             return ray.get_runtime_context().get_placement_group_id()
 
+        def glibc_tunables(self):
+            import os
+
+            return os.environ.get("GLIBC_TUNABLES")
+
     trainer = TrainerConfig(num_learners=2, num_cpus_per_learner=0.25, placement_strategy="STRICT_PACK")
     group = reserve_learner_placement(trainer, wait_log_s=5)
 
@@ -82,6 +90,8 @@ def test_learners_land_in_their_bundles_on_a_local_cluster(ray_cluster):
         assert settle((0.25, 0.25)) == (0.25, 0.25)
         second = Probe.options(**learner_actor_options(trainer, group, rank=1)).remote()
         assert ray.get(second.placement_group_id.remote(), timeout=60) == group.id.hex()
+        # the learner process starts with the memcpy tuning (glibc reads it at start only)
+        assert "x86_non_temporal_threshold=262144" in ray.get(second.glibc_tunables.remote())
         assert settle((0.25, 0.0)) == (0.25, 0.0)  # rank 1 took bundle 1, not any bundle
         ray.kill(second)
     finally:

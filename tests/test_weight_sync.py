@@ -26,6 +26,7 @@ from actors.weight_sync import (
     bucket_layout,
     bucket_views,
     export_weights,
+    nontemporal_copy_env,
     pack_bucket,
     plan_buckets,
     reload_in_worker,
@@ -314,6 +315,15 @@ def test_shm_parallel_copy_writes_exactly_what_pack_bucket_writes(tmp_path):
         with pytest.raises(ValueError, match="holds"):
             writer.write(list(state.items()), out[:100])
         writer.close()
+
+
+def test_nontemporal_copy_env_sets_the_glibc_tunable_and_keeps_the_users(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert nontemporal_copy_env(None) == {}
+    assert nontemporal_copy_env(1.0) == {"GLIBC_TUNABLES": "glibc.cpu.x86_non_temporal_threshold=1048576"}
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert nontemporal_copy_env(0.5) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.cpu.x86_non_temporal_threshold=524288"}
 
 
 def test_shm_export_needs_a_writer_and_an_existing_directory(tmp_path):
