@@ -41,15 +41,16 @@ CPU path (built, the one that runs here)
     raises a clear error); there is no automatic fallback: use "direct" across nodes (the
     qwen2.5-vl-7b preset does).
   Every format reads the bucket zero-copy on the engine (views into shared memory).
-  Measured (benchmarks/weight_sync.py, 0.505 GB fp32, buckets 16 / 64 / 256 MB / one, median of 5,
-  all formats in the same run against the same memcpy; 2 cores shared with other jobs, 4 runs at
-  load average 12-41; memcpy 5.6-9.2 GB/s): "shm" 2.1-3.5 GB/s = 0.23-0.58x memcpy (best samples
-  3.2-4.9 GB/s), "direct" 2.0-3.4 GB/s = 0.25-0.60x (best 2.3-4.0), "flat" 1.0-1.9 GB/s =
-  0.13-0.32x. Only one run (load 39) had every "shm" size >= 0.5x; the goal is NOT met reliably
-  by any format. The engine side of "shm" is ~2 ms (mapping reused), so the bound is the one copy
-  into 4 KB-page shared memory: idle, a copy from 4 KB-page memory (torch tensors) into a mapped
-  /dev/shm file runs at ~0.63x of the benchmark's memcpy (numpy arrays on transparent huge pages),
-  and the rest is the two driver->actor calls. A bare `ray.put` of 0.5 GB runs at ~0.5x here.
+  Measured (benchmarks/weight_sync.py, 0.505 GB fp32, 291 tensors, median of 5, every format
+  against the same memcpy in the same run; 2 cores, load average 1.5; memcpy 12.2 GB/s): "shm"
+  0.53 / 0.58 / 0.60 / 0.61x memcpy at 16 / 64 / 256 MB / one bucket, "direct" 0.32 / 0.44 / 0.50 /
+  0.53x, "flat" 0.25-0.39x. The engine side of "shm" is ~2 ms (mapping reused); the export's one
+  copy is the cost (54 ms of the 69 ms at 256 MB; the rest is the two driver->actor calls). That
+  copy ran at half of memcpy (0.44-0.45x for "shm" in the same session) until the learners got the
+  glibc tunable of `nontemporal_copy_env`: this VM reports a 480 MiB L3, so glibc used cached
+  stores (read-for-ownership) for every copy below ~360 MB, i.e. every tensor, while the baseline's
+  single 0.5 GB memcpy used non-temporal ones. Under load (other jobs on the 2 cores) every format
+  drops well below this (0.23-0.58x at load average 12-41 before the tunable).
 - `WeightUpdate` = version + bucket references + layouts (a few KB). The driver passes it to every
   engine; the references are nested in it, so they travel as references and each engine fetches
   the buckets itself (same node: a zero-copy read of shared memory; another node: one transfer).

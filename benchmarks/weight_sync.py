@@ -21,7 +21,9 @@ Two Ray actors on a private cluster (`address="local"`, own temp dir, no dashboa
 the end):
 - sender (learner rank 0 stand-in) runs the learner's export, `actors.weight_sync.export_weights`:
   plan buckets, then per bucket: pack into the reusable staging buffer and `ray.put` ("flat"), one
-  `ray.put` of the views ("direct"), or a copy into the slot file ("shm");
+  `ray.put` of the views ("direct"), or a copy into the slot file ("shm"); in the learner's
+  environment (`trainer.nontemporal_copy_threshold_mb`: glibc's memcpy uses non-temporal stores from
+  256 KB; `--glibc-default-copy` measures glibc's own threshold, the state before);
 - receiver (engine stand-in) runs the engine's loader, `actors.weight_sync.reload_in_worker`, with a
   stand-in worker whose `reload_weights` consumes the iterator: every bucket fetched and decoded
   into zero-copy tensor views, i.e. engine-side tensors ready, the vLLM reload itself excluded.
