@@ -28,6 +28,11 @@ Measured on the 2-core dev box (load average 8-13 from other jobs; defaults: cal
 max_in_flight=16), ratio per core: crop_image 0.74-0.76 (in-process 10.1 ms CPU per call, pool
 13.3 = executors 11.6 + driver 1.1 + raylet 0.5 + rest 0.2), select_frames 0.84-0.87 (153 ms vs
 176 ms). Before batching calls into tasks and returning crops by reference: 0.41 and 0.77.
+At load average 1-2 (2026-11-23, 6 runs): crop_image 0.77-0.79 (in-process 9.9-10.1 ms, pool
+12.8-13.1 = executors 11.1-11.4 + driver 0.9-1.3 + raylet 0.2-0.6), select_frames 0.96-0.98;
+`--calls-per-task 16` gave 0.77-0.82 (noise-level); a glibc non-temporal memcpy threshold (what
+helps weight sync) changed nothing. The executor's ~1.2 ms over in-process: ~0.4 ms to export and
+copy a 0.64 MP view out of band (measured alone), the rest Ray's task handling.
 """
 from __future__ import annotations
 
