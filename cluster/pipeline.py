@@ -43,7 +43,7 @@ from policies.data import PromptRecord
 from policies.episode import derive_seed
 from policies.losses import group_advantages, has_signal
 from policies.replay import ReplayBuffer, fill_batch, load_replay_state, replay_target_size, save_replay_state
-from policies.trajectory import Trajectory
+from policies.trajectory import Trajectory, crop_hits
 from rewards.group import RolloutOutcome, record_answer_spec
 
 
@@ -304,6 +304,7 @@ class RLPipeline:
                 samples.append(TrainSample(trajectory.token_ids, trajectory.loss_mask,
                                            trajectory.behaviour_logprobs, trajectory.images, advantage))
         rollout_metrics = _rollout_metrics(trajectories, groups, generation)
+        rollout_metrics.update(_crop_hit_metrics(trajectories, records))
         timings["time/step_s"] = time.perf_counter() - started
         return PreparedBatch(batch, trajectories, samples, kept_groups, rollout_metrics, timings)
 
@@ -427,6 +428,20 @@ def _group_by_prompt(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
     for trajectory in trajectories:
         groups[trajectory.qid].append(trajectory)
     return [sorted(g, key=lambda t: t.sample_index) for g in groups.values()]
+
+
+def _crop_hit_metrics(trajectories: list[Trajectory], records: list[PromptRecord]) -> dict[str, float]:
+    """"rollout/crop_hit_rate": the share of successful crops of the prompt image that contain the
+    centre of the record's `gold_box` (a data column, e.g. the synthetic task's); {} without one."""
+    from PIL import Image
+
+    located = {}
+    for record in records:
+        if record.metadata.get("gold_box") is not None and not record.is_video:
+            with Image.open(record.media_paths[0]) as image:  # reads the header only
+                located[record.qid] = (record.metadata["gold_box"], image.size)
+    hits = [hit for t in trajectories if t.qid in located for hit in crop_hits(t, *located[t.qid])]
+    return {"rollout/crop_hit_rate": float(np.mean(hits))} if hits else {}
 
 
 def _rollout_metrics(trajectories: list[Trajectory], groups: list[list[Trajectory]], generation: list[dict]) -> dict:

@@ -59,3 +59,18 @@ class Trajectory:
     @property
     def num_response_tokens(self) -> int:
         return sum(self.loss_mask)
+
+
+def crop_hits(trajectory: Trajectory, gold_box: Any, image_size: tuple[int, int]) -> list[bool]:
+    """For each successful crop of the prompt's image (`target_image` 1) in `trajectory`: does its
+    box contain the centre of `gold_box`, the normalized [x1, y1, x2, y2] of what the question asks
+    about in an image of `image_size` (width, height)? Tells a model that zooms at the answer from
+    one that zooms anywhere (RaPR counts both)."""
+    x1, y1, x2, y2 = (float(v) for v in gold_box)
+    centre_x, centre_y = (x1 + x2) / 2 * image_size[0], (y1 + y2) / 2 * image_size[1]
+    hits = []
+    for op in trajectory.visual_operations:
+        if op.ok and op.box_pixels is not None and op.target_image in (None, 1):
+            left, top, right, bottom = op.box_pixels
+            hits.append(left <= centre_x <= right and top <= centre_y <= bottom)
+    return hits

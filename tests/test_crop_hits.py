@@ -1,0 +1,42 @@
+"""The crop-hit diagnostic: does a successful crop of the prompt image contain the asked-about box?"""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from cluster.pipeline import _crop_hit_metrics
+from policies.data import PromptRecord
+from policies.trajectory import Trajectory, VisualOperation, crop_hits
+
+GOLD = [0.5, 0.5, 0.75, 0.75]  # centre (0.625, 0.625): pixel (250, 125) of a 400x200 image
+
+
+def _trajectory(qid: str, *operations: VisualOperation) -> Trajectory:
+    trajectory = Trajectory(qid=qid, sample_index=0, answers=("x",))
+    trajectory.visual_operations.extend(operations)
+    return trajectory
+
+
+def test_a_crop_hits_when_its_box_holds_the_gold_centre_in_pixels():
+    on = VisualOperation("crop_image", True, target_image=1, box_pixels=(200, 100, 300, 150))
+    off = VisualOperation("crop_image", True, target_image=1, box_pixels=(0, 0, 200, 100))
+    assert crop_hits(_trajectory("q", on, off), GOLD, (400, 200)) == [True, False]
+
+
+def test_failed_calls_frames_and_crops_of_later_images_are_not_counted():
+    failed = VisualOperation("crop_image", False, error_kind="bad_box")
+    of_a_crop = VisualOperation("crop_image", True, target_image=2, box_pixels=(0, 0, 400, 200))
+    frames = VisualOperation("select_frames", True, frames=[1, 2])
+    assert crop_hits(_trajectory("q", failed, of_a_crop, frames), GOLD, (400, 200)) == []
+
+
+def test_step_metric_reads_the_record_gold_box_and_image_size(tmp_path):
+    path = tmp_path / "image.png"
+    Image.new("RGB", (400, 200)).save(path)
+    with_gold = PromptRecord("a", "q", (str(path),), False, ("x",), {"gold_box": GOLD})
+    without = PromptRecord("b", "q", (str(path),), False, ("x",))
+    hit = VisualOperation("crop_image", True, target_image=1, box_pixels=(240, 120, 260, 130))
+    miss = VisualOperation("crop_image", True, target_image=1, box_pixels=(0, 0, 10, 10))
+    trajectories = [_trajectory("a", hit), _trajectory("a", miss), _trajectory("a", hit), _trajectory("b", miss)]
+    assert _crop_hit_metrics(trajectories, [with_gold, without]) == {"rollout/crop_hit_rate": pytest.approx(2 / 3)}
+    assert _crop_hit_metrics(trajectories[3:], [without]) == {}
