@@ -16,9 +16,9 @@ from typing import Any
 
 import ray
 
+from actors.weight_sync import nontemporal_copy_env
 from policies.batching import TrainSample, collate, token_logprobs
 from policies.losses import micro_batch_policy_loss
-from actors.weight_sync import nontemporal_copy_env
 
 
 def deepspeed_config(trainer, gradient_accumulation_steps: int, device: str,

@@ -44,8 +44,9 @@ CPU path (built, the one that runs here)
   Measured (benchmarks/weight_sync.py, 0.505 GB fp32, 291 tensors, median of 5, every format
   against the same memcpy in the same run; 2 cores, load average 1.5; memcpy 12.2 GB/s): "shm"
   0.53 / 0.58 / 0.60 / 0.61x memcpy at 16 / 64 / 256 MB / one bucket, "direct" 0.32 / 0.44 / 0.50 /
-  0.53x, "flat" 0.25-0.39x; a second run (memcpy 10.6 GB/s): "shm" 0.59-0.65x, "direct" 0.34-0.49x. The engine side of "shm" is ~2 ms (mapping reused); the export's one
-  copy is the cost (54 ms of the 69 ms at 256 MB; the rest is the two driver->actor calls). That
+  0.53x, "flat" 0.25-0.39x; a second run (memcpy 10.6 GB/s): "shm" 0.59-0.65x, "direct"
+  0.34-0.49x. The engine side of "shm" is ~2 ms (mapping reused); the export's one copy is the
+  cost (54 ms of the 69 ms at 256 MB; the rest is the two driver->actor calls). That
   copy ran at half of memcpy (0.44-0.45x for "shm" in the same session) until the learners got the
   glibc tunable of `nontemporal_copy_env`: this VM reports a 480 MiB L3, so glibc used cached
   stores (read-for-ownership) for every copy below ~360 MB, i.e. every tensor, while the baseline's
