@@ -127,6 +127,7 @@ class ImageRefCache:
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: OrderedDict[str, tuple] = OrderedDict()  # path -> (ref, nbytes)
+        self.sizes: dict[str, tuple[int, int]] = {}  # path -> (width, height) of every image loaded
         self.hits = self.misses = 0
 
     def get(self, path: str):
@@ -137,6 +138,7 @@ class ImageRefCache:
             return entry[0]
         self.misses += 1
         array = load_image_array(path)
+        self.sizes[path] = (array.shape[1], array.shape[0])
         ref = ray.put(array)
         if array.nbytes <= self.max_bytes:
             self.entries[path] = (ref, array.nbytes)
@@ -304,7 +306,7 @@ class RLPipeline:
                 samples.append(TrainSample(trajectory.token_ids, trajectory.loss_mask,
                                            trajectory.behaviour_logprobs, trajectory.images, advantage))
         rollout_metrics = _rollout_metrics(trajectories, groups, generation)
-        rollout_metrics.update(_crop_hit_metrics(trajectories, records))
+        rollout_metrics.update(_crop_hit_metrics(trajectories, records, self.images.sizes))
         timings["time/step_s"] = time.perf_counter() - started
         return PreparedBatch(batch, trajectories, samples, kept_groups, rollout_metrics, timings)
 
@@ -430,16 +432,16 @@ def _group_by_prompt(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
     return [sorted(g, key=lambda t: t.sample_index) for g in groups.values()]
 
 
-def _crop_hit_metrics(trajectories: list[Trajectory], records: list[PromptRecord]) -> dict[str, float]:
+def _crop_hit_metrics(trajectories: list[Trajectory], records: list[PromptRecord],
+                      image_sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """"rollout/crop_hit_rate": the share of successful crops of the prompt image that contain the
-    centre of the record's `gold_box` (a data column, e.g. the synthetic task's); {} without one."""
-    from PIL import Image
-
-    located = {}
-    for record in records:
-        if record.metadata.get("gold_box") is not None and not record.is_video:
-            with Image.open(record.media_paths[0]) as image:  # reads the header only
-                located[record.qid] = (record.metadata["gold_box"], image.size)
+    centre of the record's `gold_box` (a data column, e.g. the synthetic task's); {} without one.
+    `image_sizes`: (width, height) by path, of the images the step loaded (ImageRefCache.sizes)."""
+    located = {
+        record.qid: (record.metadata["gold_box"], image_sizes[record.media_paths[0]])
+        for record in records
+        if record.metadata.get("gold_box") is not None and not record.is_video
+    }
     hits = [hit for t in trajectories if t.qid in located for hit in crop_hits(t, *located[t.qid])]
     return {"rollout/crop_hit_rate": float(np.mean(hits))} if hits else {}
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from PIL import Image
-
 from cluster.pipeline import _crop_hit_metrics
 from policies.data import PromptRecord
 from policies.trajectory import Trajectory, VisualOperation, crop_hits
@@ -30,13 +28,13 @@ def test_failed_calls_frames_and_crops_of_later_images_are_not_counted():
     assert crop_hits(_trajectory("q", failed, of_a_crop, frames), GOLD, (400, 200)) == []
 
 
-def test_step_metric_reads_the_record_gold_box_and_image_size(tmp_path):
-    path = tmp_path / "image.png"
-    Image.new("RGB", (400, 200)).save(path)
-    with_gold = PromptRecord("a", "q", (str(path),), False, ("x",), {"gold_box": GOLD})
-    without = PromptRecord("b", "q", (str(path),), False, ("x",))
+def test_step_metric_reads_the_record_gold_box_and_image_size():
+    sizes = {"/data/image.png": (400, 200)}
+    with_gold = PromptRecord("a", "q", ("/data/image.png",), False, ("x",), {"gold_box": GOLD})
+    without = PromptRecord("b", "q", ("/data/image.png",), False, ("x",))
     hit = VisualOperation("crop_image", True, target_image=1, box_pixels=(240, 120, 260, 130))
     miss = VisualOperation("crop_image", True, target_image=1, box_pixels=(0, 0, 10, 10))
     trajectories = [_trajectory("a", hit), _trajectory("a", miss), _trajectory("a", hit), _trajectory("b", miss)]
-    assert _crop_hit_metrics(trajectories, [with_gold, without]) == {"rollout/crop_hit_rate": pytest.approx(2 / 3)}
-    assert _crop_hit_metrics(trajectories[3:], [without]) == {}
+    assert _crop_hit_metrics(trajectories, [with_gold, without], sizes) == {
+        "rollout/crop_hit_rate": pytest.approx(2 / 3)}
+    assert _crop_hit_metrics(trajectories[3:], [without], sizes) == {}
