@@ -151,6 +151,9 @@ class SFTConfig(Section):
     self_correction_fraction: float = Field(default=0.3, ge=0, le=1)  # traces that err first, then fix
     direct_fraction: float = Field(default=0.0, ge=0, le=1)  # traces that answer without a visual operation
     closeup_fraction: float = Field(default=0.0, ge=0, le=1)  # perception examples: a close-up and its answer
+    # "uniform": close-ups answer each option equally often (perception pretraining has no answer
+    # prior); "task": as the task's answers (data.synthetic.prior_fraction)
+    closeup_answers: Literal["uniform", "task"] = "uniform"
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=4, ge=1)  # examples per optimizer step, all learners together
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); the schedule spans them

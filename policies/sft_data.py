@@ -25,7 +25,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -351,6 +351,7 @@ def synthetic_zoom_traces(
     seed: int = 0,
     direct_fraction: float = 0.0,
     closeup_fraction: float = 0.0,
+    closeup_answers: Literal["uniform", "task"] = "uniform",
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
@@ -366,16 +367,24 @@ def synthetic_zoom_traces(
     are perception examples ("closeup"): the prompt's only image is the crop of the square's region,
     at the crop budget, and the answer follows at once. They stand in for the perception pretraining
     a real VLM brings: a random tiny model learns to read the pattern from them in a few hundred
-    steps, while the single answer token of a tool-use trace teaches it far more slowly.
+    steps, while the single answer token of a tool-use trace teaches it far more slowly. Their
+    answers are uniform over the options by default (`closeup_answers`): perception pretraining
+    does not carry the task's answer prior (`spec.prior_fraction`), and under it the minority
+    patterns got too few close-ups to be read. "task" draws them from the task's distribution.
+
+    The random stream depends on the spec's task parameters and `seed`, not on its split sizes, so
+    changing `num_eval` leaves the traces as they were.
     """
     for name, value in (("self_correction_fraction", self_correction_fraction), ("direct_fraction", direct_fraction),
                         ("closeup_fraction", closeup_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1]")
-    rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(), seed))
+    if closeup_answers not in ("uniform", "task"):
+        raise ValueError(f"closeup_answers must be 'uniform' or 'task', not {closeup_answers!r}")
+    closeup_spec = spec.model_copy(update={"prior_fraction": None}) if closeup_answers == "uniform" else spec
+    rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(exclude={"num_train", "num_eval"}), seed))
     examples = []
     for index in range(count):
-        example = draw_example(spec, rng)
         kind = "zoom"
         if rng.random() < self_correction_fraction:
             kind = rng.choice(("zoom_miss", "zoom_error"))
@@ -383,6 +392,7 @@ def synthetic_zoom_traces(
             kind = "direct"
         if closeup_fraction and rng.random() < closeup_fraction:
             kind = "closeup"
+        example = draw_example(closeup_spec if kind == "closeup" else spec, rng)
         examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}"))
     return examples
 

@@ -100,6 +100,33 @@ def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_
         assert tokenizer.decode(example.token_ids).count("close-up") == 1
 
 
+def test_closeups_answer_uniformly_by_default_and_as_the_task_when_asked(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = SPEC.model_copy(update={"prior_fraction": 0.85})
+    counts = {}
+    for answers in ("uniform", "task"):
+        examples = synthetic_zoom_traces(tokenizer, spec, 120, BUDGETS, self_correction_fraction=0.0, seed=3,
+                                         closeup_fraction=1.0, closeup_answers=answers)
+        assert {e.kind for e in examples} == {"closeup"}
+        counts[answers] = [sum(e.metadata["colour"] == p for e in examples) for p in PATTERNS]
+    assert max(counts["uniform"]) < 50  # 30 expected per pattern; the prior would give ~102 horizontal
+    assert counts["task"][0] > 85
+
+
+def test_traces_do_not_depend_on_the_split_sizes(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first, second = (synthetic_zoom_traces(tokenizer, SPEC.model_copy(update={"num_eval": n}), 6, BUDGETS, seed=4)
+                     for n in (32, 256))
+    assert [e.token_ids for e in first] == [e.token_ids for e in second]
+    other_task = synthetic_zoom_traces(tokenizer, SPEC.model_copy(update={"pixel_noise": 17}), 6, BUDGETS, seed=4)
+    assert [e.token_ids for e in other_task] != [e.token_ids for e in first] or any(
+        not np.array_equal(a, b) for x, y in zip(first, other_task) for a, b in zip(x.images, y.images))
+
+
 def test_prior_fraction_skews_answers_towards_the_first_option():
     spec = SPEC.model_copy(update={"prior_fraction": 0.6})
     rng = random.Random(5)
