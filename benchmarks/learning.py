@@ -11,6 +11,8 @@ own entry point, in its own process, so each starts and stops its own local Ray)
 2. RL with curiosity (`python -m cluster.run`, the preset's reward: alpha 2, H 0.6) from the SFT
    checkpoint;
 3. the same RL with `reward.curiosity.alpha=0`, same seed, same data.
+Between 1 and 2, `python -m cluster.skill_probe` measures the warm start's two skills teacher-forced
+(reading a close-up, choosing the named cell to crop): the lift needs both.
 Both RL runs evaluate the held-out split greedily before the first step and every
 `eval_every_steps` steps. The table reports held-out accuracy after warm start, after RL with and
 without curiosity, RaPR at the end of each, and the issue's goals; the plot (PNG, also logged to
@@ -101,6 +103,12 @@ def format_table(results: dict) -> str:
             ("RL, alpha = 0", results["final"]["no-curiosity"]["accuracy"], results["final"]["no-curiosity"]["rapr"])]
     lines = [f"{'held-out (greedy)':<22}{'accuracy':>10}{'RaPR':>8}"]
     lines += [f"{name:<22}{accuracy:>10.3f}{rapr:>8.3f}" for name, accuracy, rapr in rows]
+    skills = results["warm_start"].get("skills")
+    if skills:
+        reading, localization = skills["reading"], skills["localization"]
+        lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
+                     + (f", picks the named cell for {localization['accuracy']:.0%} of {localization['count']} crops"
+                        if localization else ""))
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))
@@ -158,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_sft:
         timings["sft"] = run_stage("sft", "cluster.sft", ["--config", config, "--summary-json", str(workdir / "sft.json"),
                                                           f"sft.output_dir={sft_dir}", *args.overrides], workdir)
+    # the warm start's two skills, teacher-forced (cluster/skill_probe.py): what the lift depends on
+    timings["probe"] = run_stage("probe", "cluster.skill_probe", [
+        str(sft_dir / "hf"), "--config", config, "--json", str(workdir / "probe.json"), *args.overrides], workdir)
     curves = {}
     for name, extra in RUNS:
         summary_path = workdir / f"rl-{name}.json"
@@ -167,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             *args.overrides, *extra], workdir)
         curves[name] = curve(json.loads(summary_path.read_text()))
     results = results_of(curves, timings)
+    results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
     results["config"] = {"preset": args.config, "overrides": args.overrides}
     plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
     results["plot"] = str(plot_path)

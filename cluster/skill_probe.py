@@ -1,0 +1,142 @@
+"""Teacher-forced probes of the two skills the synthetic zoom task needs, for one checkpoint:
+
+- reading: the model is shown a close-up of the square (the perception examples' prompt) and the
+  answer text up to "The square is"; its likeliest next option token is its reading;
+- localization (`region_hint` tasks): the model is shown the question and the view, and a zoom
+  trace up to the crop's box; of the grid's cells, the one whose box text it finds likeliest is
+  where it would zoom. Right if that cell holds the square (the cell the question names).
+
+RL needs both: a model that zooms into the wrong cell, or zooms right and misreads, gains nothing
+from zooming. Examples are freshly drawn (their own random stream) with uniform answers, so a
+prior cannot pass for skill. Greedy held-out accuracy (`cluster.run`'s `eval/*`) says whether the
+model does the task; this says which skill is missing when it does not.
+
+    python -m cluster.skill_probe MODEL_PATH [--config zoom-curiosity] [--num 64] [--json FILE] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+PROBE_SEED = 977  # the probe's own trace stream (SFT uses the config's seed)
+ANSWER_PREFIX = "The square is"  # policies.sft_data.answer_text
+
+
+class SkillProbe:
+    def __init__(self, model_path: str, config):
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        self.config = config
+        self.spec = config.data.synthetic.model_copy(update={"prior_fraction": None})
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.image_pad_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def _log_probs(self, token_ids: list[int], images: list):
+        """Log-softmax over the vocabulary at every position of one sequence (image pads expanded)."""
+        import torch
+
+        from policies.batching import TrainSample, collate
+
+        batch = collate([TrainSample(token_ids, [0] * len(token_ids), [0.0] * len(token_ids), images, 0.0)],
+                        self.image_processor, self.image_pad_id, self.tokenizer.pad_token_id)
+        with torch.no_grad():
+            return self.model(**batch.inputs).logits[0].log_softmax(-1)
+
+    def _traces(self, count: int, **fractions):
+        from policies.sft_data import synthetic_zoom_traces
+
+        return synthetic_zoom_traces(self.tokenizer, self.spec, count, self.config.tools.budgets,
+                                     seed=PROBE_SEED, **fractions)
+
+    def reading(self, count: int) -> dict:
+        from policies.synthetic import COLOURS, PATTERNS
+
+        options = PATTERNS if self.spec.detail == "pattern" else tuple(sorted(COLOURS))
+        first_tokens = {o: self.tokenizer.encode(" " + o, add_special_tokens=False)[0] for o in options}
+        if len(set(first_tokens.values())) != len(options):
+            raise ValueError("the options' first tokens are not distinct; the reading probe cannot tell them apart")
+        prefix = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+        confusion: dict[str, Counter] = defaultdict(Counter)
+        for example in self._traces(count, self_correction_fraction=0.0, closeup_fraction=1.0):
+            ids = example.token_ids
+            end = _last_end(ids, prefix)
+            log_probs = self._log_probs(ids[:end], example.images)[-1]
+            reading = max(options, key=lambda o: log_probs[first_tokens[o]].item())
+            confusion[example.metadata["colour"]][reading] += 1
+        right = sum(counts[gold] for gold, counts in confusion.items())
+        return {"accuracy": right / count, "count": count,
+                "confusion": {gold: dict(confusion[gold]) for gold in options if gold in confusion}}
+
+    def localization(self, count: int) -> dict | None:
+        from policies.sft_data import crop_call
+        from policies.synthetic import region_box
+
+        if not self.spec.region_hint:
+            return None
+        cells = [region_box(self.spec, cell) for cell in range(self.spec.grid ** 2)]
+        calls = [self.tokenizer.encode(crop_call(box), add_special_tokens=False) for box in cells]
+        start = _common_prefix(calls)  # the box's first token: where the calls differ
+        right = 0
+        for example in self._traces(count, self_correction_fraction=0.0):
+            ids = example.token_ids
+            end = _last_end(ids, calls[0][:start])  # the trace's (only) crop call, up to its box
+            scores = []
+            for call in calls:
+                box = call[start:]
+                log_probs = self._log_probs(ids[:end] + box, example.images[:1])
+                scores.append(sum(log_probs[len(log_probs) - len(box) - 1 + k, t].item() for k, t in enumerate(box)))
+            chosen = cells[max(range(len(cells)), key=scores.__getitem__)]
+            x1, y1, x2, y2 = example.metadata["gold_box"]
+            right += chosen[0] <= x1 and chosen[1] <= y1 and chosen[2] >= x2 and chosen[3] >= y2
+        return {"accuracy": right / count, "count": count, "cells": len(cells)}
+
+
+def _last_end(ids: list[int], pattern: list[int]) -> int:
+    """The index just past the last occurrence of `pattern` in `ids`."""
+    for start in range(len(ids) - len(pattern), -1, -1):
+        if ids[start:start + len(pattern)] == pattern:
+            return start + len(pattern)
+    raise ValueError("the probe's marker is not in the trace")
+
+
+def _common_prefix(sequences: list[list[int]]) -> int:
+    length = 0
+    while all(len(s) > length and s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def probe(model_path: str, config, count: int = 64) -> dict:
+    tool = SkillProbe(model_path, config)
+    return {"reading": tool.reading(count), "localization": tool.localization(count)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from cluster.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.skill_probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_path")
+    parser.add_argument("--config", default="zoom-curiosity", help="preset name or YAML file (the task)")
+    parser.add_argument("--num", type=int, default=64, help="examples per probe")
+    parser.add_argument("--json", help="write the result here")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.synthetic.grid=3")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if config.data.train_path:
+        parser.error("the probe needs the built-in synthetic task (data.train_path is set)")
+    result = probe(args.model_path, config, args.num)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text, file=sys.stdout)
+    return result
+
+
+if __name__ == "__main__":
+    main()

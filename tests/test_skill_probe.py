@@ -1,0 +1,31 @@
+"""The warm start's skill probe (cluster/skill_probe.py) on the tiny model."""
+import pytest
+
+from cluster.config import load_config
+from cluster.skill_probe import _common_prefix, _last_end, probe
+
+
+def test_markers_are_found_from_the_end_and_calls_split_where_they_differ():
+    assert _last_end([1, 2, 3, 1, 2, 4], [1, 2]) == 5
+    with pytest.raises(ValueError, match="marker"):
+        _last_end([1, 2, 3], [4])
+    assert _common_prefix([[5, 6, 7, 1], [5, 6, 8, 1], [5, 6, 7, 2]]) == 2
+
+
+def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
+    config = load_config("zoom-curiosity", [])
+    result = probe(tiny_model_dir, config, count=4)
+    reading, localization = result["reading"], result["localization"]
+    assert sum(sum(row.values()) for row in reading["confusion"].values()) == reading["count"] == 4
+    patterns = {"horizontal", "vertical", "rising", "falling"}
+    assert set(reading["confusion"]) <= patterns
+    assert all(set(row) <= patterns for row in reading["confusion"].values())
+    right = sum(row.get(gold, 0) for gold, row in reading["confusion"].items())
+    assert reading["accuracy"] == right / 4
+    assert localization["count"] == 4 and localization["cells"] == 4
+    assert localization["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+
+
+def test_localization_is_not_probed_without_a_named_cell(tiny_model_dir):
+    config = load_config("zoom-curiosity", ["data.synthetic.region_hint=false"])
+    assert probe(tiny_model_dir, config, count=2)["localization"] is None
