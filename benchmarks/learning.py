@@ -107,8 +107,8 @@ def format_table(results: dict) -> str:
     if skills:
         reading, localization = skills["reading"], skills["localization"]
         lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
-                     + (f", picks the named cell for {localization['accuracy']:.0%} of {localization['count']} crops"
-                        if localization else ""))
+                     + (f", writes the named cell's box for {localization['accuracy']:.0%} of {localization['count']} "
+                        f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else ""))
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))

@@ -3,8 +3,11 @@
 - reading: the model is shown a close-up of the square (the perception examples' prompt) and the
   answer text up to "The square is"; its likeliest next option token is its reading;
 - localization (`region_hint` tasks): the model is shown the question and the view, and a zoom
-  trace up to the crop's box; of the grid's cells, the one whose box text it finds likeliest is
-  where it would zoom. Right if that cell holds the square (the cell the question names).
+  trace up to the crop's box, then decodes the box greedily. Right if it is the box of the cell
+  the question names (what the traces teach); also reported: the share of boxes that hold the
+  square at all, and the share where, of the grid's cells' box texts, the named cell's is the
+  likeliest (a model can rank the right cell first and still decode another box: a greedy decoder
+  commits to one coordinate at a time).
 
 RL needs both: a model that zooms into the wrong cell, or zooms right and misreads, gains nothing
 from zooming. Examples are freshly drawn (their own random stream) with uniform answers, so a
@@ -81,20 +84,37 @@ class SkillProbe:
             return None
         cells = [region_box(self.spec, cell) for cell in range(self.spec.grid ** 2)]
         calls = [self.tokenizer.encode(crop_call(box), add_special_tokens=False) for box in cells]
-        start = _common_prefix(calls)  # the box's first token: where the calls differ
-        right = 0
+        # the box starts after the bracket: the calls' shared text before it is teacher-forced
+        start = 1 + max(i for i in range(_common_prefix(calls)) if self.tokenizer.decode(calls[0][i:i + 1]).endswith("["))
+        decoded_right = likeliest_right = holds_square = 0
         for example in self._traces(count, self_correction_fraction=0.0):
             ids = example.token_ids
             end = _last_end(ids, calls[0][:start])  # the trace's (only) crop call, up to its box
+            x1, y1, x2, y2 = example.metadata["gold_box"]
+            named = next(box for box in cells if box[0] <= x1 and box[1] <= y1 and box[2] >= x2 and box[3] >= y2)
             scores = []
             for call in calls:
                 box = call[start:]
                 log_probs = self._log_probs(ids[:end] + box, example.images[:1])
                 scores.append(sum(log_probs[len(log_probs) - len(box) - 1 + k, t].item() for k, t in enumerate(box)))
-            chosen = cells[max(range(len(cells)), key=scores.__getitem__)]
-            x1, y1, x2, y2 = example.metadata["gold_box"]
-            right += chosen[0] <= x1 and chosen[1] <= y1 and chosen[2] >= x2 and chosen[3] >= y2
-        return {"accuracy": right / count, "count": count, "cells": len(cells)}
+            likeliest_right += cells[max(range(len(cells)), key=scores.__getitem__)] == named
+            decoded = self._greedy_box(ids[:end], example.images[:1])
+            if decoded is not None:
+                decoded_right += _same_box(decoded, named)
+                holds_square += decoded[0] <= x1 and decoded[1] <= y1 and decoded[2] >= x2 and decoded[3] >= y2
+        return {"accuracy": decoded_right / count, "holds_square": holds_square / count,
+                "likeliest_cell_accuracy": likeliest_right / count, "count": count, "cells": len(cells)}
+
+    def _greedy_box(self, prefix: list[int], images: list, max_tokens: int = 24) -> list[float] | None:
+        """The box the model writes after `prefix` (which ends where the box's numbers start), by
+        greedy decoding up to the closing bracket; None if it writes no four numbers."""
+        generated: list[int] = []
+        for _ in range(max_tokens):
+            generated.append(int(self._log_probs(prefix + generated, images)[-1].argmax()))
+            text = self.tokenizer.decode(generated)
+            if "]" in text:
+                return _parse_box(text.split("]")[0])
+        return None
 
 
 def _last_end(ids: list[int], pattern: list[int]) -> int:
@@ -103,6 +123,18 @@ def _last_end(ids: list[int], pattern: list[int]) -> int:
         if ids[start:start + len(pattern)] == pattern:
             return start + len(pattern)
     raise ValueError("the probe's marker is not in the trace")
+
+
+def _parse_box(text: str) -> list[float] | None:
+    try:
+        numbers = [float(part) for part in text.strip(" [").split(",")]
+    except ValueError:
+        return None
+    return numbers if len(numbers) == 4 else None
+
+
+def _same_box(a: list[float], b: list[float]) -> bool:
+    return all(abs(x - y) < 1e-6 for x, y in zip(a, b))
 
 
 def _common_prefix(sequences: list[list[int]]) -> int:

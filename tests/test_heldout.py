@@ -44,7 +44,8 @@ def test_learning_report_checks_each_goal_against_the_curves():
 def test_learning_report_shows_the_warm_starts_skills():
     results = results_of({"curiosity": curve([0.30, 0.50], [0.0, 1.0]), "no-curiosity": curve([0.30, 0.30], [0.0, 0.0])}, {})
     results["warm_start"]["skills"] = {"reading": {"accuracy": 0.75, "count": 4, "confusion": {}},
-                                       "localization": {"accuracy": 0.5, "count": 8, "cells": 4}}
-    assert "reads 75% of 4 close-ups, picks the named cell for 50% of 8 crops" in format_table(results)
+                                       "localization": {"accuracy": 0.5, "holds_square": 0.875, "count": 8, "cells": 4}}
+    assert ("reads 75% of 4 close-ups, writes the named cell's box for 50% of 8 crops (boxes holding the square: 88%)"
+            in format_table(results))
     results["warm_start"]["skills"]["localization"] = None
     assert "reads 75% of 4 close-ups\n" in format_table(results)

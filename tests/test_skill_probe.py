@@ -2,7 +2,7 @@
 import pytest
 
 from cluster.config import load_config
-from cluster.skill_probe import _common_prefix, _last_end, probe
+from cluster.skill_probe import _common_prefix, _last_end, _parse_box, probe
 
 
 def test_markers_are_found_from_the_end_and_calls_split_where_they_differ():
@@ -10,6 +10,12 @@ def test_markers_are_found_from_the_end_and_calls_split_where_they_differ():
     with pytest.raises(ValueError, match="marker"):
         _last_end([1, 2, 3], [4])
     assert _common_prefix([[5, 6, 7, 1], [5, 6, 8, 1], [5, 6, 7, 2]]) == 2
+
+
+def test_decoded_boxes_parse_only_when_they_are_four_numbers():
+    assert _parse_box("0.5, 0.0, 1.0, 0.5") == [0.5, 0.0, 1.0, 0.5]
+    assert _parse_box(" [0, 0.5, 0.5, 1") == [0.0, 0.5, 0.5, 1.0]
+    assert _parse_box("0.5, 0.0, 1.0") is None and _parse_box("0.5, top, 1.0, 0.5") is None
 
 
 def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
@@ -23,7 +29,9 @@ def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
     right = sum(row.get(gold, 0) for gold, row in reading["confusion"].items())
     assert reading["accuracy"] == right / 4
     assert localization["count"] == 4 and localization["cells"] == 4
-    assert localization["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}
+    quarters = {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert {localization["accuracy"], localization["holds_square"], localization["likeliest_cell_accuracy"]} <= quarters
+    assert localization["accuracy"] <= localization["holds_square"]  # the named cell holds the square
 
 
 def test_localization_is_not_probed_without_a_named_cell(tiny_model_dir):
