@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num", type=int, default=64, help="examples per probe")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.synthetic.grid=3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     config = load_config(args.config, args.overrides)
     if config.data.train_path:
         parser.error("the probe needs the built-in synthetic task (data.train_path is set)")

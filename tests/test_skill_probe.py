@@ -37,3 +37,11 @@ def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
 def test_localization_is_not_probed_without_a_named_cell(tiny_model_dir):
     config = load_config("zoom-curiosity", ["data.synthetic.region_hint=false"])
     assert probe(tiny_model_dir, config, count=2)["localization"] is None
+
+
+def test_the_command_takes_overrides_after_its_options(tiny_model_dir, tmp_path):
+    from cluster.skill_probe import main
+
+    out = tmp_path / "probe.json"
+    result = main([tiny_model_dir, "--num", "1", "--json", str(out), "data.synthetic.region_hint=false"])
+    assert result["localization"] is None and out.exists()
