@@ -90,8 +90,8 @@ class SkillProbe:
         for example in self._traces(count, self_correction_fraction=0.0):
             ids = example.token_ids
             end = _last_end(ids, calls[0][:start])  # the trace's (only) crop call, up to its box
-            x1, y1, x2, y2 = example.metadata["gold_box"]
-            named = next(box for box in cells if box[0] <= x1 and box[1] <= y1 and box[2] >= x2 and box[3] >= y2)
+            gold = example.metadata["gold_box"]
+            named = next(box for box in cells if _holds(box, gold))
             scores = []
             for call in calls:
                 box = call[start:]
@@ -101,7 +101,7 @@ class SkillProbe:
             decoded = self._greedy_box(ids[:end], example.images[:1])
             if decoded is not None:
                 decoded_right += _same_box(decoded, named)
-                holds_square += decoded[0] <= x1 and decoded[1] <= y1 and decoded[2] >= x2 and decoded[3] >= y2
+                holds_square += _holds(decoded, gold)
         return {"accuracy": decoded_right / count, "holds_square": holds_square / count,
                 "likeliest_cell_accuracy": likeliest_right / count, "count": count, "cells": len(cells)}
 
@@ -123,6 +123,10 @@ def _last_end(ids: list[int], pattern: list[int]) -> int:
         if ids[start:start + len(pattern)] == pattern:
             return start + len(pattern)
     raise ValueError("the probe's marker is not in the trace")
+
+
+def _holds(box: list[float], inner: list[float]) -> bool:
+    return box[0] <= inner[0] and box[1] <= inner[1] and box[2] >= inner[2] and box[3] >= inner[3]
 
 
 def _parse_box(text: str) -> list[float] | None:
