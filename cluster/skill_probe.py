@@ -58,9 +58,9 @@ class SkillProbe:
                                      seed=PROBE_SEED, **fractions)
 
     def reading(self, count: int) -> dict:
-        from policies.synthetic import COLOURS, PATTERNS
+        from policies.synthetic import answer_options
 
-        options = PATTERNS if self.spec.detail == "pattern" else tuple(sorted(COLOURS))
+        options = answer_options(self.spec)
         first_tokens = {o: self.tokenizer.encode(" " + o, add_special_tokens=False)[0] for o in options}
         if len(set(first_tokens.values())) != len(options):
             raise ValueError("the options' first tokens are not distinct; the reading probe cannot tell them apart")

@@ -103,6 +103,11 @@ def region_box(spec: SyntheticZoomSpec, cell: int) -> list[float]:
             round((column + 1) / spec.grid, 2), round((row + 1) / spec.grid, 2)]
 
 
+def answer_options(spec: SyntheticZoomSpec) -> tuple[str, ...]:
+    """The answers the task's questions can have (the first is the one `prior_fraction` favours)."""
+    return PATTERNS if spec.detail == "pattern" else tuple(sorted(COLOURS))
+
+
 def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
     """One example: image, answer, normalized gold box, question (and the hinted cell)."""
     from PIL import Image, ImageDraw
@@ -120,7 +125,7 @@ def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
             if spec.colour_noise:
                 fill = tuple(min(255, max(0, grey + rng.randint(-spec.colour_noise, spec.colour_noise))) for _ in range(3))
             draw.rectangle([x, y, x + block - 1, y + block - 1], fill=fill)
-    options = PATTERNS if spec.detail == "pattern" else sorted(COLOURS)
+    options = answer_options(spec)
     if spec.prior_fraction is None:
         answer = rng.choice(options)
     else:
