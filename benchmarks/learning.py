@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -77,6 +78,10 @@ def curve(summary: dict) -> dict[str, list[float]]:
         "train_steps": [h["step"] + 1 for h in summary["history"]],
         "train_rapr": [h["metrics"]["rollout/rapr"] for h in summary["history"]],
         "train_accuracy": [h["metrics"]["reward/accuracy"] for h in summary["history"]],
+        # sampled answers with / without a visual operation (None: the batch had none of that kind)
+        "train_accuracy_pixel_reasoning": [h["metrics"].get("reward/accuracy_pixel_reasoning")
+                                           for h in summary["history"]],
+        "train_accuracy_text_only": [h["metrics"].get("reward/accuracy_text_only") for h in summary["history"]],
     }
 
 
@@ -97,6 +102,21 @@ def results_of(curves: dict[str, dict], timings: dict[str, float]) -> dict:
     }
 
 
+EARLY_STEPS = 5
+
+
+def early_split(c: dict) -> dict[str, float] | None:
+    """Mean accuracy of the sampled answers with and without a visual operation over the first
+    EARLY_STEPS RL steps (steps lacking either kind skipped): whether zooming pays when RL starts,
+    which decides whether RL without the bonus drops it. None for curves without the split."""
+    pairs = [(p, t) for p, t in zip(c.get("train_accuracy_pixel_reasoning", []), c.get("train_accuracy_text_only", []))
+             ][:EARLY_STEPS]
+    pairs = [(p, t) for p, t in pairs if p is not None and t is not None]
+    if not pairs:
+        return None
+    return {"pixel_reasoning": fmean(p for p, _ in pairs), "text_only": fmean(t for _, t in pairs)}
+
+
 def format_table(results: dict) -> str:
     rows = [("warm start (SFT)", results["warm_start"]["accuracy"], results["warm_start"]["rapr"]),
             ("RL with curiosity", results["final"]["curiosity"]["accuracy"], results["final"]["curiosity"]["rapr"]),
@@ -109,6 +129,11 @@ def format_table(results: dict) -> str:
         lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
                      + (f", writes the named cell's box for {localization['accuracy']:.0%} of {localization['count']} "
                         f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else ""))
+    for name, c in results["curves"].items():
+        split = early_split(c)
+        if split:
+            lines.append(f"{name}, first {EARLY_STEPS} steps (sampled): answers with a visual operation "
+                         f"{split['pixel_reasoning']:.0%} right, without {split['text_only']:.0%}")
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))
@@ -121,15 +146,22 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    figure, (left, right, split) = plt.subplots(1, 3, figsize=(16, 4), constrained_layout=True)
     for (name, c), colour in zip(curves.items(), ("tab:blue", "tab:red")):
         left.plot(c["eval_steps"], c["eval_accuracy"], "o-", color=colour, label=f"{name}, held-out")
         left.plot(c["train_steps"], c["train_accuracy"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
         right.plot(c["eval_steps"], c["eval_rapr"], "o-", color=colour, label=f"{name}, held-out")
         right.plot(c["train_steps"], c["train_rapr"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
+        for key, style, kind in (("train_accuracy_pixel_reasoning", "-", "with"), ("train_accuracy_text_only", "--", "without")):
+            points = [(step, value) for step, value in zip(c["train_steps"], c.get(key, [])) if value is not None]
+            if points:
+                split.plot(*zip(*points), style, color=colour, alpha=0.8, label=f"{name}, {kind} a visual operation")
     left.set(title="accuracy: held-out (greedy), training batches (sampled)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     right.axhline(GOAL_RAPR, color="grey", lw=0.8, ls="--")
     right.set(title="RaPR: share of answers that used a visual operation", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
+    split.set(title="training batches: accuracy of answers with / without", xlabel="RL step", ylabel="accuracy",
+              ylim=(-0.02, 1.02))
+    split.legend(fontsize=8)
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     figure.savefig(path, dpi=110)

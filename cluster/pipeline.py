@@ -458,6 +458,12 @@ def _rollout_metrics(trajectories: list[Trajectory], groups: list[list[Trajector
         f"reward/{name}": mean(t.rewards[name] for t in trajectories)
         for name in ("accuracy", "curiosity", "penalty", "total")
     }
+    # Accuracy split by whether the answer used a visual operation: the learning trap is the
+    # text-only answers scoring higher, so RL without a curiosity bonus unlearns the operations.
+    for name, used in (("pixel_reasoning", True), ("text_only", False)):
+        scores = [t.rewards["accuracy"] for t in trajectories if (t.num_visual_operations > 0) == used]
+        if scores:
+            metrics[f"reward/accuracy_{name}"] = mean(scores)
     metrics.update({
         "rollout/rapr": mean(mean(t.num_visual_operations > 0 for t in g) for g in groups),
         "rollout/tool_calls_per_trajectory": mean(t.num_visual_operations for t in trajectories),

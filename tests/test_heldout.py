@@ -1,7 +1,7 @@
 """Held-out scoring inside an RL run (cluster/heldout.py) and the learning benchmark's report."""
 import pytest
 
-from benchmarks.learning import format_table, results_of
+from benchmarks.learning import early_split, format_table, results_of
 from cluster.eval_metrics import EvalOutcome, summarize
 from cluster.heldout import as_eval_record
 from policies.data import PromptRecord
@@ -49,3 +49,14 @@ def test_learning_report_shows_the_warm_starts_skills():
             in format_table(results))
     results["warm_start"]["skills"]["localization"] = None
     assert "reads 75% of 4 close-ups\n" in format_table(results)
+
+
+def test_learning_report_shows_whether_zooming_paid_when_rl_started():
+    with_split = curve([0.3] * 8, [0.5] * 8)
+    with_split["train_accuracy_pixel_reasoning"] = [0.2, None, 0.4, 0.6, 0.2, 0.2, 1.0]  # steps 6-7: past the window
+    with_split["train_accuracy_text_only"] = [0.5, 0.5, 0.6, None, 0.4, 0.4, 0.0]
+    assert early_split(with_split) == {"pixel_reasoning": pytest.approx(0.8 / 3), "text_only": pytest.approx(1.5 / 3)}
+    assert early_split(curve([0.3, 0.4], [0.5, 0.5])) is None  # results from before the split was logged
+    table = format_table(results_of({"curiosity": with_split, "no-curiosity": curve([0.3] * 8, [0.5] * 8)}, {}))
+    assert "curiosity, first 5 steps (sampled): answers with a visual operation 27% right, without 50%" in table
+    assert "no-curiosity, first" not in table
