@@ -9,6 +9,7 @@ batch as soon as its tool call is answered).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -84,10 +85,37 @@ def derive_seed(*parts) -> int:
 
 def prompt_token_ids(tokenizer: Tokenizer, question: str, num_images: int = 1) -> list[int]:
     """System prompt with the tool protocol, then a user turn with the image(s) and the question."""
+    template = _prompt_template(tokenizer, num_images)
+    if template is None:
+        return tokenizer.encode(_prompt_text(tokenizer, question, num_images), add_special_tokens=False)
+    prefix_ids, suffix = template
+    return prefix_ids + tokenizer.encode(question + suffix, add_special_tokens=False)
+
+
+def _prompt_text(tokenizer: Tokenizer, question: str, num_images: int) -> str:
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
     messages = [{"role": "system", "content": TOOL_SYSTEM_PROMPT}, {"role": "user", "content": content}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+_QUESTION_SLOT = "\x00question\x00"
+_PROBE_QUESTION = " What is\nthis? "
+
+
+@functools.lru_cache(maxsize=8)
+def _prompt_template(tokenizer: Tokenizer, num_images: int) -> tuple[list[int], str] | None:
+    """The token ids of a prompt's text before the question (system prompt, tool protocol, image
+    pads: ~300 tokens, the same for every prompt) and the text after it, so a prompt encodes only
+    its question. Valid only when the text before ends at a special token (<|vision_end|>), where
+    the tokenizer splits anyway; checked once against encoding a whole prompt, else None."""
+    prefix, slot, suffix = _prompt_text(tokenizer, _QUESTION_SLOT, num_images).partition(_QUESTION_SLOT)
+    if not slot or not prefix.endswith("<|vision_end|>"):
+        return None
+    prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+    whole = tokenizer.encode(_prompt_text(tokenizer, _PROBE_QUESTION, num_images), add_special_tokens=False)
+    if whole != prefix_ids + tokenizer.encode(_PROBE_QUESTION + suffix, add_special_tokens=False):
+        return None
+    return prefix_ids, suffix
 
 
 def observation_token_ids(tokenizer: Tokenizer, observation_text: str, num_images: int) -> list[int]:

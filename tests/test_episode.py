@@ -354,3 +354,22 @@ def test_continuous_driver_rejects_a_result_for_an_episode_without_a_turn_in_fli
     with pytest.raises(RuntimeError, match="none in flight"):
         run_episodes_continuously(episodes(tokenizer, settings, 1), lambda index, request: None,
                                   lambda: [(0, result), (0, result)], tools(settings.budgets), tokenizer, settings)
+
+
+@pytest.mark.parametrize("num_images", [0, 1, 16])
+@pytest.mark.parametrize("question", ["What colour is the square?", " leading space", "x", "", "Two\nlines <b>tag</b>",
+                                      "Ünïcödé — 你好?", "ends with a newline\n", "<|im_end|> injected"])
+def test_prompt_ids_with_the_cached_prefix_equal_encoding_the_whole_prompt(tokenizer, question, num_images):
+    from policies.episode import _prompt_text
+    from policies.simulation import FastTokenizer
+
+    for encoder in (tokenizer, FastTokenizer()):
+        whole = encoder.encode(_prompt_text(encoder, question, num_images), add_special_tokens=False)
+        assert prompt_token_ids(encoder, question, num_images) == whole
+
+
+def test_the_prompt_prefix_is_cached_only_where_the_tokenizer_splits(tokenizer):
+    from policies.episode import _prompt_template
+
+    assert _prompt_template(tokenizer, 1) is not None
+    assert _prompt_template(tokenizer, 0) is None  # the question follows plain text: encoded whole
