@@ -103,6 +103,7 @@ def results_of(curves: dict[str, dict], timings: dict[str, float]) -> dict:
 
 
 EARLY_STEPS = 5
+SMOOTHING = 5  # steps averaged in the plot of accuracy with / without a visual operation
 
 
 def early_split(c: dict) -> dict[str, float] | None:
@@ -154,12 +155,14 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
         right.plot(c["train_steps"], c["train_rapr"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
         for key, style, kind in (("train_accuracy_pixel_reasoning", "-", "with"), ("train_accuracy_text_only", "--", "without")):
             points = [(step, value) for step, value in zip(c["train_steps"], c.get(key, [])) if value is not None]
-            if points:
-                split.plot(*zip(*points), style, color=colour, alpha=0.8, label=f"{name}, {kind} a visual operation")
+            if points:  # one batch is 8 prompts: a trailing mean over 5 steps makes the trend readable
+                steps, values = zip(*points)
+                smoothed = [fmean(values[max(0, i - SMOOTHING + 1):i + 1]) for i in range(len(values))]
+                split.plot(steps, smoothed, style, color=colour, alpha=0.8, label=f"{name}, {kind} a visual operation")
     left.set(title="accuracy: held-out (greedy), training batches (sampled)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     right.axhline(GOAL_RAPR, color="grey", lw=0.8, ls="--")
     right.set(title="RaPR: share of answers that used a visual operation", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
-    split.set(title="training batches: accuracy of answers with / without", xlabel="RL step", ylabel="accuracy",
+    split.set(title=f"training batches ({SMOOTHING}-step mean): accuracy\nof answers with / without a visual operation", xlabel="RL step", ylabel="accuracy",
               ylim=(-0.02, 1.02))
     split.legend(fontsize=8)
     left.legend(fontsize=8)
