@@ -110,9 +110,8 @@ def early_split(c: dict) -> dict[str, float] | None:
     """Mean accuracy of the sampled answers with and without a visual operation over the first
     EARLY_STEPS RL steps (steps lacking either kind skipped): whether zooming pays when RL starts,
     which decides whether RL without the bonus drops it. None for curves without the split."""
-    pairs = [(p, t) for p, t in zip(c.get("train_accuracy_pixel_reasoning", []), c.get("train_accuracy_text_only", []))
-             ][:EARLY_STEPS]
-    pairs = [(p, t) for p, t in pairs if p is not None and t is not None]
+    early = zip(c.get("train_accuracy_pixel_reasoning", [])[:EARLY_STEPS], c.get("train_accuracy_text_only", []))
+    pairs = [(p, t) for p, t in early if p is not None and t is not None]
     if not pairs:
         return None
     return {"pixel_reasoning": fmean(p for p, _ in pairs), "text_only": fmean(t for _, t in pairs)}
@@ -153,7 +152,8 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
         left.plot(c["train_steps"], c["train_accuracy"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
         right.plot(c["eval_steps"], c["eval_rapr"], "o-", color=colour, label=f"{name}, held-out")
         right.plot(c["train_steps"], c["train_rapr"], ":", color=colour, alpha=0.7, label=f"{name}, training batches")
-        for key, style, kind in (("train_accuracy_pixel_reasoning", "-", "with"), ("train_accuracy_text_only", "--", "without")):
+        for key, style, kind in (("train_accuracy_pixel_reasoning", "-", "with"),
+                                 ("train_accuracy_text_only", "--", "without")):
             points = [(step, value) for step, value in zip(c["train_steps"], c.get(key, [])) if value is not None]
             if points:  # one batch is 8 prompts: a trailing mean over 5 steps makes the trend readable
                 steps, values = zip(*points)
@@ -162,8 +162,8 @@ def plot(curves: dict[str, dict], path: Path) -> Path:
     left.set(title="accuracy: held-out (greedy), training batches (sampled)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     right.axhline(GOAL_RAPR, color="grey", lw=0.8, ls="--")
     right.set(title="RaPR: share of answers that used a visual operation", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
-    split.set(title=f"training batches ({SMOOTHING}-step mean): accuracy\nof answers with / without a visual operation", xlabel="RL step", ylabel="accuracy",
-              ylim=(-0.02, 1.02))
+    split.set(title=f"training batches ({SMOOTHING}-step mean): accuracy\nof answers with / without a visual operation",
+              xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     split.legend(fontsize=8)
     left.legend(fontsize=8)
     right.legend(fontsize=8)

@@ -85,7 +85,7 @@ def derive_seed(*parts) -> int:
 
 def prompt_token_ids(tokenizer: Tokenizer, question: str, num_images: int = 1) -> list[int]:
     """System prompt with the tool protocol, then a user turn with the image(s) and the question."""
-    template = _prompt_template(tokenizer, num_images)
+    template = _prompt_template(tokenizer, num_images, getattr(tokenizer, "chat_template", None))
     if template is None:
         return tokenizer.encode(_prompt_text(tokenizer, question, num_images), add_special_tokens=False)
     prefix_ids, suffix = template
@@ -103,11 +103,12 @@ _PROBE_QUESTION = " What is\nthis? "
 
 
 @functools.lru_cache(maxsize=8)
-def _prompt_template(tokenizer: Tokenizer, num_images: int) -> tuple[list[int], str] | None:
+def _prompt_template(tokenizer: Tokenizer, num_images: int, chat_template: str | None) -> tuple[list[int], str] | None:
     """The token ids of a prompt's text before the question (system prompt, tool protocol, image
     pads: ~300 tokens, the same for every prompt) and the text after it, so a prompt encodes only
     its question. Valid only when the text before ends at a special token (<|vision_end|>), where
-    the tokenizer splits anyway; checked once against encoding a whole prompt, else None."""
+    the tokenizer splits anyway; checked once against encoding a whole prompt, else None.
+    `chat_template` is only part of the cache key: a tokenizer given another template is re-read."""
     prefix, slot, suffix = _prompt_text(tokenizer, _QUESTION_SLOT, num_images).partition(_QUESTION_SLOT)
     if not slot or not prefix.endswith("<|vision_end|>"):
         return None

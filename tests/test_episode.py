@@ -371,5 +371,5 @@ def test_prompt_ids_with_the_cached_prefix_equal_encoding_the_whole_prompt(token
 def test_the_prompt_prefix_is_cached_only_where_the_tokenizer_splits(tokenizer):
     from policies.episode import _prompt_template
 
-    assert _prompt_template(tokenizer, 1) is not None
-    assert _prompt_template(tokenizer, 0) is None  # the question follows plain text: encoded whole
+    assert _prompt_template(tokenizer, 1, tokenizer.chat_template) is not None
+    assert _prompt_template(tokenizer, 0, tokenizer.chat_template) is None  # the question follows plain text
