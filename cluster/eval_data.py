@@ -488,6 +488,30 @@ def video_source(record: EvalRecord, num_frames: int = 16):
     return VideoSource(video, tuple(first + i for i in sample_frame_indices(last - first + 1, num_frames)))
 
 
+def load_image_array(path: str):
+    """The full-resolution image as an HxWx3 uint8 array (what the tools crop from)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def load_video_source(record, num_frames: int):
+    """The `VideoSource` of a video record (an EvalRecord or a training PromptRecord) with its media
+    as encoded bytes, to put in the object store like an image: the file of a video, or only the N
+    sampled files of a video given as frames."""
+    from policies.visual_ops import VideoSource
+
+    source = video_source(record, num_frames)
+    if isinstance(source.video, tuple):
+        wanted = sorted(set(source.frame_indices))
+        position = {index: k for k, index in enumerate(wanted)}
+        return VideoSource(tuple(Path(source.video[i]).read_bytes() for i in wanted),
+                           tuple(position[i] for i in source.frame_indices))
+    return VideoSource(Path(source.video).read_bytes(), source.frame_indices)
+
+
 _FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 

@@ -35,7 +35,8 @@ from collections import deque
 from pathlib import Path
 
 from cluster.config import ConfigError, PixelRayConfig, load_config
-from cluster.eval_data import BENCHMARKS, EvalDataError, EvalRecord, load_eval_set, video_source
+from cluster.eval_data import (BENCHMARKS, EvalDataError, EvalRecord, load_eval_set, load_image_array,
+                               load_video_source)
 from cluster.eval_metrics import EvalOutcome, format_table, summarize
 from cluster.runtime import apply_env, run_env_vars
 
@@ -95,29 +96,6 @@ def start_ray(config: PixelRayConfig):
                 "tools.pool_size or tools.num_cpus_per_executor (or rollout.num_gpus)"
             )
     return ray
-
-
-def load_image_array(path: str):
-    """The full-resolution image as an HxWx3 uint8 array (what the tools crop from)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def load_video_source(record: EvalRecord, num_frames: int):
-    """The record's `VideoSource` with its media as encoded bytes (put in the object store like an
-    image): the file of a video, or only the N sampled files of a video given as frames."""
-    from policies.visual_ops import VideoSource
-
-    source = video_source(record, num_frames)
-    if isinstance(source.video, tuple):
-        wanted = sorted(set(source.frame_indices))
-        position = {index: k for k, index in enumerate(wanted)}
-        return VideoSource(tuple(Path(source.video[i]).read_bytes() for i in wanted),
-                           tuple(position[i] for i in source.frame_indices))
-    return VideoSource(Path(source.video).read_bytes(), source.frame_indices)
 
 
 def prompt_task(ray, record: EvalRecord, num_frames: int):

@@ -17,8 +17,10 @@ With k > 0, `run` trains a step in a second thread while the driver gathers and 
 (already submitted) batch, so the learners go from one step to the next without waiting for the
 driver's share of the work; the order of submissions and weight publishing is unchanged.
 
-Prompt images are loaded from disk and put in the object store once per path and reused (an LRU
+Prompt media are loaded from disk and put in the object store once per path and reused (an LRU
 of references bounded by `rollout.image_cache_bytes`): a step re-visiting a prompt ships no pixels.
+A video prompt shows its `tools.budgets.num_video_frames` uniformly sampled frames; its encoded
+file travels once, and the worker and the tool executors decode only the frames they need.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from actors.learner import LearnerGroup
 from actors.reward import RewardActor
 from actors.rollout import PromptTask, RolloutWorker
 from cluster.config import PixelRayConfig
+from cluster.eval_data import load_image_array, load_video_source
 from cluster.runtime import run_env_vars
 from policies.batching import TrainSample
 from policies.data import PromptRecord
@@ -111,41 +114,50 @@ class PreparedBatch:
     timings: dict
 
 
-def load_image_array(path: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 class ImageRefCache:
-    """Object-store references of prompt images by path, loaded and put once (LRU by pixel bytes).
+    """Object-store references of prompt media by path, loaded and put once (LRU by bytes): the
+    full-resolution image of an image prompt, the encoded `VideoSource` of a video prompt.
 
-    A cached reference keeps its image pinned in the object store, hence the bound; 0 disables the
-    cache (every prompt loads and puts its image again)."""
+    A cached reference keeps its media pinned in the object store, hence the bound; 0 disables the
+    cache (every prompt loads and puts its media again)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: OrderedDict[str, tuple] = OrderedDict()  # path -> (ref, nbytes)
+        self.entries: OrderedDict[str, tuple] = OrderedDict()  # key -> (ref, nbytes)
         self.sizes: dict[str, tuple[int, int]] = {}  # path -> (width, height) of every image loaded
         self.hits = self.misses = 0
 
     def get(self, path: str):
-        entry = self.entries.get(path)
+        def load():
+            array = load_image_array(path)
+            self.sizes[path] = (array.shape[1], array.shape[0])
+            return array, array.nbytes
+        return self._ref(path, load)
+
+    def get_video(self, record: PromptRecord, num_frames: int):
+        """The record's VideoSource (its N sampled frame indices, the media as encoded bytes)."""
+        def load():
+            source = load_video_source(record, num_frames)
+            media = source.video if isinstance(source.video, tuple) else (source.video,)
+            return source, sum(len(part) for part in media)
+        # keyed by the frames too: one clip can back records of different spans (MVBench's bounds)
+        return self._ref(f"video:{record.media_paths}:{record.metadata.get('bound')}:{num_frames}", load)
+
+    def _ref(self, key: str, load):
+        entry = self.entries.get(key)
         if entry is not None:
-            self.entries.move_to_end(path)
+            self.entries.move_to_end(key)
             self.hits += 1
             return entry[0]
         self.misses += 1
-        array = load_image_array(path)
-        self.sizes[path] = (array.shape[1], array.shape[0])
-        ref = ray.put(array)
-        if array.nbytes <= self.max_bytes:
-            self.entries[path] = (ref, array.nbytes)
-            self.bytes += array.nbytes
+        value, nbytes = load()
+        ref = ray.put(value)
+        if nbytes <= self.max_bytes:
+            self.entries[key] = (ref, nbytes)
+            self.bytes += nbytes
             while self.bytes > self.max_bytes:
-                _, (_, nbytes) = self.entries.popitem(last=False)
-                self.bytes -= nbytes
+                _, (_, evicted) = self.entries.popitem(last=False)
+                self.bytes -= evicted
         return ref
 
 
@@ -190,13 +202,16 @@ class RLPipeline:
         """Start generating step `step`'s batch; the workers queue it behind earlier calls."""
         config = self.config
         records = self.prompts.take(config.prompts_per_step)
-        for record in records:
-            if record.is_video:
-                raise NotImplementedError(f"record {record.qid} is a video: video RL rollouts are not wired in yet")
-        tasks = [PromptTask(r.qid, r.question, self.images.get(r.media_paths[0]), r.answers) for r in records]
+        tasks = [self._prompt_task(record) for record in records]
         seed = derive_seed(config.seed, "step", step)
         calls = [(w, share, self._call_rollout(w, share, seed)) for w, share in self._balance(tasks)]
         return PendingBatch(step, records, calls, seed, self.prompts.state_dict(), time.perf_counter())
+
+    def _prompt_task(self, record: PromptRecord) -> PromptTask:
+        if record.is_video:  # shown as its N sampled frames; select_frames reads the same source
+            video = self.images.get_video(record, self.config.tools.budgets.num_video_frames)
+            return PromptTask(record.qid, record.question, None, record.answers, is_video=True, video=video)
+        return PromptTask(record.qid, record.question, self.images.get(record.media_paths[0]), record.answers)
 
     def _balance(self, tasks: list[PromptTask]) -> list[tuple]:
         """Shares of `tasks` per worker: each prompt goes to the worker with the fewest trajectories

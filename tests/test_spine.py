@@ -209,6 +209,40 @@ def test_async_mode_bounds_staleness(pipeline):
         assert len(versions) == 1  # a weight update never lands inside a batch's generation
 
 
+def test_video_records_train_on_their_sampled_frames(pipeline, tmp_path):
+    """RL data with a video: the prompt shows the clip's N uniformly sampled frames, in order, and
+    the step scores and trains on those trajectories like on image ones."""
+    from cluster.pictures import trajectory_picture
+    from cluster.pipeline import PromptStream
+    from policies.data import read_rl_parquet, write_rl_parquet
+    from policies.visual_ops import sample_frame_indices
+    from tests.eval_fixtures import write_video
+
+    write_video(tmp_path / "clip.mp4", frames=24)  # frame k is grey level 10 k
+    write_rl_parquet([{"qid": "clip", "question": "How bright is the last frame?", "image": ["clip.mp4"],
+                       "is_video": True, "answer": ["bright"]}], tmp_path / "train.parquet")
+    images_stream = pipeline.prompts
+    pipeline.prompts = PromptStream(read_rl_parquet(tmp_path / "train.parquet"), shuffle=False, seed=0)
+    pipeline.config.trainer.drop_zero_variance_groups = False  # train even if every reward is equal
+    try:
+        start_version = pipeline.policy_version
+        result = pipeline.step(20)
+    finally:
+        pipeline.prompts = images_stream
+        pipeline.config.trainer.drop_zero_variance_groups = True
+    shown = pipeline.config.tools.budgets.num_video_frames
+    expected_levels = [10 * index for index in sample_frame_indices(24, shown)]
+    assert len(result.trajectories) == 4  # the one record, taken twice, x G = 2
+    for trajectory in result.trajectories:
+        assert trajectory.is_video and len(trajectory.images) >= shown
+        levels = [float(np.asarray(frame).mean()) for frame in trajectory.images[:shown]]
+        assert np.abs(np.array(levels) - expected_levels).max() < 4, levels  # H.264 is lossy
+        assert math.isfinite(trajectory.rewards["total"])
+        assert trajectory_picture(trajectory).width > 0
+    assert result.metrics["train/samples"] == 4 and pipeline.policy_version == start_version + 1
+    assert "rollout/crop_hit_rate" not in result.metrics  # a video has no prompt image to hit
+
+
 def test_a_rollout_worker_killed_mid_step_loses_no_prompt(ray_cluster, tiny_model_dir, tmp_path_factory):
     """Two engines; one is killed while the step generates: its share runs again on the other."""
     import ray
