@@ -32,3 +32,27 @@ def test_failed_operations_draw_no_box_and_the_picker_prefers_successes():
     assert tuple(picture[140, 112]) == (128, 128, 128)
     assert pick_trajectory([failed, good]) is good
     assert isinstance(trajectory_picture(good), Image.Image)
+
+
+def test_a_video_is_a_contact_sheet_with_the_selected_frames_framed():
+    frames = [np.full((48, 64, 3), 10 * k, np.uint8) for k in range(16)]  # frame k is grey 10 k
+    returned = [frames[2], frames[9]]  # what select_frames([3, 10]) gave back
+    trajectory = Trajectory(qid="v", sample_index=0, answers=("A",), is_video=True, images=frames + returned,
+                            response_text="\\boxed{A}", metadata={"num_frames": 16})
+    trajectory.visual_operations.append(VisualOperation("select_frames", True, frames=[3, 10]))
+    trajectory.rewards = {"accuracy": 1.0, "total": 1.0}
+    picture = np.asarray(trajectory_picture(trajectory))
+    cell_width, cell_height = 128 + 8, 96 + 8  # 64x48 thumbnails at 96 px high, 8 per row
+
+    def frame_centre(number):
+        position = number - 1
+        return (position // 8) * cell_height + 4 + 48, (position % 8) * cell_width + 4 + 64
+
+    for number in (1, 3, 10, 16):  # the frames in order: frame k shows grey 10 (k - 1)
+        y, x = frame_centre(number)
+        assert tuple(picture[y, x]) == (10 * (number - 1),) * 3
+    for number, framed in ((3, True), (10, True), (4, False)):
+        y, x = frame_centre(number)
+        edge = tuple(picture[y, x - 64 - 2])  # just left of the thumbnail
+        assert (edge == BOX_COLOURS[0]) is framed, (number, edge)
+    assert picture.shape[0] > 2 * cell_height  # the two rows of frames, then the text
