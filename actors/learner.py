@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from actors.weight_sync import nontemporal_copy_env
-from policies.batching import TrainSample, collate, token_logprobs
+from policies.batching import TrainSample, collate, mini_batches, token_logprobs
 from policies.losses import micro_batch_policy_loss
 
 
@@ -163,6 +163,7 @@ class Learner:
                 totals[key] = totals.get(key, 0.0) + value
         grad_norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["optimizer_step"] = float(self.engine.global_steps)  # this rank's optimizer steps so far
         totals["train_s"] = time.perf_counter() - started
         return totals
 
@@ -332,11 +333,13 @@ class LearnerGroup:
     """Driver-side handle: creates the actors, splits each batch across ranks, exports weights."""
 
     def __init__(self, model_path: str, trainer, temperature: float, device: str, samples_per_step: int,
-                 scheduler: dict[str, Any] | None = None):
+                 scheduler: dict[str, Any] | None = None, updates_per_step: int = 1):
+        """`train` makes `updates_per_step` optimizer steps of samples_per_step / updates_per_step
+        samples each (`sft`: one step on `samples_per_step`)."""
         self.trainer = trainer
         world = trainer.num_learners
-        per_rank = -(-samples_per_step // world)
-        self.gradient_accumulation_steps = max(1, -(-per_rank // trainer.micro_batch_size))
+        self.updates_per_step = updates_per_step
+        self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(-(-samples_per_step // updates_per_step))
         self.placement_group = reserve_learner_placement(trainer)  # None: no placement group (default)
         self.actors = [Learner.options(**learner_actor_options(trainer, self.placement_group, rank)).remote()
                        for rank in range(world)]
@@ -364,7 +367,15 @@ class LearnerGroup:
         return results, sum(r["tokens"] for r in results)
 
     def train(self, samples: list[TrainSample]) -> dict[str, float]:
-        results, tokens = self._run_on_ranks("train_step", samples)
+        """`updates_per_step` optimizer steps, one per mini-batch of `samples`; metrics are token
+        means over all of them (grad_norm: the mean of the steps')."""
+        results, tokens, grad_norms, train_s = [], 0, [], 0.0
+        for batch in mini_batches(samples, self.updates_per_step):
+            batch_results, batch_tokens = self._run_on_ranks("train_step", batch)
+            results += batch_results
+            tokens += batch_tokens
+            grad_norms.append(batch_results[0]["grad_norm"])
+            train_s += max(r["train_s"] for r in batch_results)
 
         def token_mean(key: str) -> float:
             return sum(r.get(key, 0.0) for r in results) / max(tokens, 1)
@@ -375,9 +386,11 @@ class LearnerGroup:
             "clip_fraction": token_mean("clipped_tokens"),
             "importance_ratio": token_mean("ratio_sum"),
             "logprob_mismatch": token_mean("mismatch_sum"),
-            "grad_norm": results[0]["grad_norm"],
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "optimizer_steps": len(grad_norms),
+            "optimizer_step": max(r.get("optimizer_step", 0.0) for r in results),  # the learners' count so far
             "trained_tokens": tokens,
-            "train_s": max(r["train_s"] for r in results),
+            "train_s": train_s,
         }
         if self.trainer.importance_cap is not None:
             metrics["importance_weight"] = token_mean("importance_weight_sum")

@@ -420,7 +420,7 @@ class SimulatedLearner:
         totals = {
             "policy_loss_sum": -advantage_sum, "loss_sum": -advantage_sum, "tokens": trainable,
             "clipped_tokens": 0.0, "ratio_sum": trainable, "mismatch_sum": 0.0,
-            "grad_norm": 0.0, "train_s": time.perf_counter() - started,
+            "grad_norm": 0.0, "optimizer_step": float(self.steps), "train_s": time.perf_counter() - started,
         }
         if self.trainer.importance_cap is not None:
             totals.update(importance_weight_sum=trainable, importance_capped_tokens=0.0)
@@ -483,11 +483,12 @@ class SimulatedLearnerGroup:
     torch, which the engine actors importing this module must not pay for.)"""
 
     def __init__(self, model_path: str, trainer, temperature: float, device: str, samples_per_step: int,
-                 scheduler: dict[str, Any] | None = None, simulation: SimulationConfig | None = None):
+                 scheduler: dict[str, Any] | None = None, simulation: SimulationConfig | None = None,
+                 updates_per_step: int = 1):
         self.trainer = trainer
         world = trainer.num_learners
-        per_rank = -(-samples_per_step // world)
-        self.gradient_accumulation_steps = max(1, -(-per_rank // trainer.micro_batch_size))
+        self.updates_per_step = updates_per_step
+        self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(-(-samples_per_step // updates_per_step))
         self.placement_group = None  # simulated learners sleep: nothing to place
         self.actors = [SimulatedLearner.options(num_cpus=trainer.num_cpus_per_learner).remote() for _ in range(world)]
         master = ray.get(self.actors[0].rendezvous.remote())

@@ -96,6 +96,10 @@ class TrainerConfig(Section):
     eps_low: float = Field(default=0.2, ge=0)
     eps_high: float = Field(default=0.35, ge=0)
     micro_batch_size: int = Field(default=4, ge=1)
+    # Optimizer steps per RL step: the step's samples are split into this many mini-batches (verl's
+    # ppo_mini_batch_size = batch / this), each one optimizer step; the eps_low/eps_high clip then
+    # bounds how far the later ones move from the behaviour policy. 1: one step on the whole batch.
+    updates_per_step: int = Field(default=1, ge=1)
     gradient_clipping: float = Field(default=1.0, gt=0)
     advantage: Literal["mean", "mean_std"] = "mean"
     drop_zero_variance_groups: bool = True
@@ -132,6 +136,11 @@ class TrainerConfig(Section):
     # Ray placement group for the learners: one bundle {CPU, GPU} per learner, each learner in its own
     # bundle; STRICT_PACK keeps all ranks on one node (NCCL over NVLink). None: no placement group.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+
+    def gradient_accumulation_steps(self, samples_per_update: int) -> int:
+        """Micro-batches per optimizer step for `samples_per_update` samples split across the learners."""
+        per_rank = -(-samples_per_update // self.num_learners)
+        return max(1, -(-per_rank // self.micro_batch_size))
 
     @model_validator(mode="after")
     def _placeable(self) -> "TrainerConfig":

@@ -187,7 +187,8 @@ class RLPipeline:
         )
         self.learners = learner_class(
             model_path, trainer, rollout.temperature, config.device,
-            samples_per_step=config.prompts_per_step * rollout.group_size, **simulation,
+            samples_per_step=config.prompts_per_step * rollout.group_size,
+            updates_per_step=trainer.updates_per_step, **simulation,
         )
         self.startup = ray.get([w.ready.remote() for w in self.workers])
         self.policy_version = 0

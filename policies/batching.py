@@ -23,6 +23,12 @@ class TrainSample:
     advantage: float
 
 
+def mini_batches(samples: list, count: int) -> list[list]:
+    """`samples` in at most `count` mini-batches of near-equal size, strided so that each holds
+    samples of every prompt group (a step's samples arrive grouped by prompt); none empty."""
+    return [batch for batch in (samples[start::count] for start in range(count)) if batch]
+
+
 @dataclass
 class ModelBatch:
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, pixel_values, image_grid_thw

@@ -60,3 +60,24 @@ def test_token_logprobs_picks_the_next_token():
     logits = torch.log(torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]]]))
     targets = torch.tensor([[1, 0]])
     assert torch.allclose(token_logprobs(logits, targets), torch.log(torch.tensor([[0.9, 0.8]])))
+
+
+def test_mini_batches_split_a_step_across_prompt_groups():
+    from policies.batching import mini_batches
+
+    samples = [f"p{prompt}-s{sample}" for prompt in range(3) for sample in range(4)]  # grouped by prompt
+    batches = mini_batches(samples, 4)
+    assert [len(b) for b in batches] == [3, 3, 3, 3]
+    assert sorted(s for b in batches for s in b) == sorted(samples)  # each sample exactly once
+    assert all({s[:2] for s in b} == {"p0", "p1", "p2"} for b in batches)  # every prompt in every batch
+    assert mini_batches(samples[:3], 4) == [["p0-s0"], ["p0-s1"], ["p0-s2"]]  # never an empty batch
+    assert mini_batches(samples, 1) == [samples]
+
+
+def test_gradient_accumulation_covers_each_update_s_share_of_the_step():
+    from cluster.config import TrainerConfig
+
+    trainer = TrainerConfig(num_learners=2, micro_batch_size=4, updates_per_step=4)
+    assert trainer.gradient_accumulation_steps(64) == 8  # 32 per rank / 4
+    assert trainer.gradient_accumulation_steps(64 // 4) == 2  # one of four mini-batches: 8 per rank
+    assert trainer.gradient_accumulation_steps(1) == 1

@@ -243,6 +243,24 @@ def test_video_records_train_on_their_sampled_frames(pipeline, tmp_path):
     assert "rollout/crop_hit_rate" not in result.metrics  # a video has no prompt image to hit
 
 
+def test_updates_per_step_makes_one_optimizer_step_per_mini_batch(pipeline):
+    """trainer.updates_per_step 2: the step's 4 samples train as two mini-batches of 2, two
+    DeepSpeed optimizer steps (the group was sized for 4 samples in one: the split fits it)."""
+    pipeline.config.trainer.drop_zero_variance_groups = False  # train every step
+    try:
+        one = pipeline.step(40).metrics
+        pipeline.learners.updates_per_step = 2
+        two = pipeline.step(41).metrics
+    finally:
+        pipeline.learners.updates_per_step = 1
+        pipeline.config.trainer.drop_zero_variance_groups = True
+    assert one["train/samples"] == two["train/samples"] == 4
+    assert one["train/optimizer_steps"] == 1 and two["train/optimizer_steps"] == 2
+    # counted by DeepSpeed itself, on the learner
+    assert two["train/optimizer_step"] - one["train/optimizer_step"] == 2
+    assert two["train/trained_tokens"] > 0 and math.isfinite(two["train/loss"])
+
+
 def test_a_rollout_worker_killed_mid_step_loses_no_prompt(ray_cluster, tiny_model_dir, tmp_path_factory):
     """Two engines; one is killed while the step generates: its share runs again on the other."""
     import ray
