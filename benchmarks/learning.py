@@ -82,6 +82,8 @@ def curve(summary: dict) -> dict[str, list[float]]:
         "train_accuracy_pixel_reasoning": [h["metrics"].get("reward/accuracy_pixel_reasoning")
                                            for h in summary["history"]],
         "train_accuracy_text_only": [h["metrics"].get("reward/accuracy_text_only") for h in summary["history"]],
+        # share of the batch's crops holding the named square's centre (None: no crop that step)
+        "train_crop_hit_rate": [h["metrics"].get("rollout/crop_hit_rate") for h in summary["history"]],
     }
 
 
@@ -117,6 +119,15 @@ def early_split(c: dict) -> dict[str, float] | None:
     return {"pixel_reasoning": fmean(p for p, _ in pairs), "text_only": fmean(t for _, t in pairs)}
 
 
+def hit_rate_trend(c: dict) -> tuple[float, float] | None:
+    """Mean crop hit rate of the first and of the last EARLY_STEPS RL steps (steps without a crop
+    skipped): whether RL made the zooms better. None without enough crops at either end."""
+    rates = c.get("train_crop_hit_rate", [])
+    first = [r for r in rates[:EARLY_STEPS] if r is not None]
+    last = [r for r in rates[-EARLY_STEPS:] if r is not None] if len(rates) > EARLY_STEPS else []
+    return (fmean(first), fmean(last)) if first and last else None
+
+
 def format_table(results: dict) -> str:
     rows = [("warm start (SFT)", results["warm_start"]["accuracy"], results["warm_start"]["rapr"]),
             ("RL with curiosity", results["final"]["curiosity"]["accuracy"], results["final"]["curiosity"]["rapr"]),
@@ -134,6 +145,11 @@ def format_table(results: dict) -> str:
         if split:
             lines.append(f"{name}, first {EARLY_STEPS} steps (sampled): answers with a visual operation "
                          f"{split['pixel_reasoning']:.0%} right, without {split['text_only']:.0%}")
+    for name, c in results["curves"].items():
+        trend = hit_rate_trend(c)
+        if trend:
+            lines.append(f"{name}, crops holding the named square (sampled): first {EARLY_STEPS} steps "
+                         f"{trend[0]:.0%}, last {EARLY_STEPS} {trend[1]:.0%}")
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))

@@ -1,7 +1,7 @@
 """Held-out scoring inside an RL run (cluster/heldout.py) and the learning benchmark's report."""
 import pytest
 
-from benchmarks.learning import early_split, format_table, results_of
+from benchmarks.learning import early_split, format_table, hit_rate_trend, results_of
 from cluster.eval_metrics import EvalOutcome, summarize
 from cluster.heldout import as_eval_record
 from policies.data import PromptRecord
@@ -60,3 +60,16 @@ def test_learning_report_shows_whether_zooming_paid_when_rl_started():
     table = format_table(results_of({"curiosity": with_split, "no-curiosity": curve([0.3] * 8, [0.5] * 8)}, {}))
     assert "curiosity, first 5 steps (sampled): answers with a visual operation 27% right, without 50%" in table
     assert "no-curiosity, first" not in table
+
+
+def test_the_report_says_whether_the_zooms_got_better():
+    improving = curve([0.3] * 8, [0.5] * 8)
+    improving["train_crop_hit_rate"] = [0.5, None, 0.3, 0.4, 0.4] + [0.6] * 20 + [0.9, 0.7, None, 0.8, 0.8]
+    assert hit_rate_trend(improving) == (pytest.approx(0.4), pytest.approx(0.8))
+    assert hit_rate_trend(curve([0.3] * 8, [0.5] * 8)) is None  # results from before the rate was kept
+    assert hit_rate_trend({"train_crop_hit_rate": [0.5, 0.6]}) is None  # too short to have two ends
+    collapsed = {**curve([0.3] * 8, [0.5] * 8), "train_crop_hit_rate": [0.5] * 10 + [None] * 5}
+    assert hit_rate_trend(collapsed) is None  # the run stopped cropping
+    table = format_table(results_of({"curiosity": improving, "no-curiosity": collapsed}, {}))
+    assert "curiosity, crops holding the named square (sampled): first 5 steps 40%, last 5 80%" in table
+    assert "no-curiosity, crops" not in table
