@@ -121,11 +121,13 @@ def early_split(c: dict) -> dict[str, float] | None:
 
 def hit_rate_trend(c: dict) -> tuple[float, float] | None:
     """Mean crop hit rate of the first and of the last EARLY_STEPS RL steps (steps without a crop
-    skipped): whether RL made the zooms better. None without enough crops at either end."""
+    skipped): whether RL made the zooms better. None unless most steps at both ends cropped (a run
+    that stopped zooming leaves a rate of a handful of crops)."""
     rates = c.get("train_crop_hit_rate", [])
     first = [r for r in rates[:EARLY_STEPS] if r is not None]
     last = [r for r in rates[-EARLY_STEPS:] if r is not None] if len(rates) > EARLY_STEPS else []
-    return (fmean(first), fmean(last)) if first and last else None
+    enough = EARLY_STEPS // 2 + 1
+    return (fmean(first), fmean(last)) if len(first) >= enough and len(last) >= enough else None
 
 
 def format_table(results: dict) -> str:

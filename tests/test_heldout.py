@@ -68,8 +68,8 @@ def test_the_report_says_whether_the_zooms_got_better():
     assert hit_rate_trend(improving) == (pytest.approx(0.4), pytest.approx(0.8))
     assert hit_rate_trend(curve([0.3] * 8, [0.5] * 8)) is None  # results from before the rate was kept
     assert hit_rate_trend({"train_crop_hit_rate": [0.5, 0.6]}) is None  # too short to have two ends
-    collapsed = {**curve([0.3] * 8, [0.5] * 8), "train_crop_hit_rate": [0.5] * 10 + [None] * 5}
-    assert hit_rate_trend(collapsed) is None  # the run stopped cropping
+    collapsed = {**curve([0.3] * 8, [0.5] * 8), "train_crop_hit_rate": [0.5] * 10 + [None, 0.6, None, None, 1.0]}
+    assert hit_rate_trend(collapsed) is None  # the run nearly stopped cropping: 2 of the last 5 steps did
     table = format_table(results_of({"curiosity": improving, "no-curiosity": collapsed}, {}))
     assert "curiosity, crops holding the named square (sampled): first 5 steps 40%, last 5 80%" in table
     assert "no-curiosity, crops" not in table
