@@ -212,9 +212,9 @@ def control_plane(args) -> list[dict]:
                 settings.append((max(args.a_staleness), False))
             for k, cached in settings:
                 if not cached:
-                    from cluster.pipeline import ImageRefCache
+                    from cluster.pipeline import MediaRefCache
 
-                    pipeline.images = ImageRefCache(0)
+                    pipeline.images = MediaRefCache(0)
                 run_steps(pipeline, k, step, args.warmup_steps)  # warm: actors up, caches filled
                 step += args.warmup_steps
                 meter = CpuMeter()

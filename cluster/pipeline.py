@@ -114,7 +114,7 @@ class PreparedBatch:
     timings: dict
 
 
-class ImageRefCache:
+class MediaRefCache:
     """Object-store references of prompt media by path, loaded and put once (LRU by bytes): the
     full-resolution image of an image prompt, the encoded `VideoSource` of a video prompt.
 
@@ -166,7 +166,7 @@ class RLPipeline:
 
     def __init__(self, config: PixelRayConfig, model_path: str, records: list[PromptRecord]):
         self.config = config
-        self.images = ImageRefCache(config.rollout.image_cache_bytes)
+        self.images = MediaRefCache(config.rollout.image_cache_bytes)
         self.prompts = PromptStream(records, config.data.shuffle, config.seed)
         rollout, trainer = config.rollout, config.trainer
         env = {"env_vars": run_env_vars(config)}
@@ -452,7 +452,7 @@ def _crop_hit_metrics(trajectories: list[Trajectory], records: list[PromptRecord
                       image_sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """"rollout/crop_hit_rate": the share of successful crops of the prompt image that contain the
     centre of the record's `gold_box` (a data column, e.g. the synthetic task's); {} without one.
-    `image_sizes`: (width, height) by path, of the images the step loaded (ImageRefCache.sizes)."""
+    `image_sizes`: (width, height) by path, of the images the step loaded (MediaRefCache.sizes)."""
     located = {
         record.qid: (record.metadata["gold_box"], image_sizes[record.media_paths[0]])
         for record in records
