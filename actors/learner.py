@@ -339,7 +339,7 @@ class LearnerGroup:
         self.trainer = trainer
         world = trainer.num_learners
         self.updates_per_step = updates_per_step
-        self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(-(-samples_per_step // updates_per_step))
+        self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(samples_per_step, updates_per_step)
         self.placement_group = reserve_learner_placement(trainer)  # None: no placement group (default)
         self.actors = [Learner.options(**learner_actor_options(trainer, self.placement_group, rank)).remote()
                        for rank in range(world)]

@@ -214,12 +214,12 @@ def control_plane(args) -> list[dict]:
                 if not cached:
                     from cluster.pipeline import MediaRefCache
 
-                    pipeline.images = MediaRefCache(0)
+                    pipeline.media = MediaRefCache(0)
                 run_steps(pipeline, k, step, args.warmup_steps)  # warm: actors up, caches filled
                 step += args.warmup_steps
                 meter = CpuMeter()
                 load = os.getloadavg()[0]
-                hits, misses = pipeline.images.hits, pipeline.images.misses
+                hits, misses = pipeline.media.hits, pipeline.media.misses
                 meter.start()
                 result = run_steps(pipeline, k, step, args.a_steps)
                 cpu = meter.stop()
@@ -230,8 +230,8 @@ def control_plane(args) -> list[dict]:
                 rows.append({
                     "part": "a", "setting": f"control plane, zero-cost engines, stub tools, {canvas}px images, "
                                             f"max_staleness {k}" + ("" if cached else ", NO image cache"),
-                    "image_cache": cached, "image_cache_hits": pipeline.images.hits - hits,
-                    "image_cache_misses": pipeline.images.misses - misses,
+                    "image_cache": cached, "image_cache_hits": pipeline.media.hits - hits,
+                    "image_cache_misses": pipeline.media.misses - misses,
                     "engines": args.a_workers, "max_staleness": k, "canvas_px": canvas, "steps": args.a_steps,
                     "trajectories": count, "wall_s": result["wall_s"],
                     "trajectories_per_s": count / result["wall_s"],

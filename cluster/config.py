@@ -5,6 +5,7 @@ Every section forbids unknown keys, so a typo or a bad value fails at start with
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,10 +138,12 @@ class TrainerConfig(Section):
     # bundle; STRICT_PACK keeps all ranks on one node (NCCL over NVLink). None: no placement group.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
 
-    def gradient_accumulation_steps(self, samples_per_update: int) -> int:
-        """Micro-batches per optimizer step for `samples_per_update` samples split across the learners."""
-        per_rank = -(-samples_per_update // self.num_learners)
-        return max(1, -(-per_rank // self.micro_batch_size))
+    def gradient_accumulation_steps(self, samples_per_step: int, updates_per_step: int = 1) -> int:
+        """Micro-batches per optimizer step when `samples_per_step` samples train in `updates_per_step`
+        optimizer steps, split across the learners."""
+        per_update = math.ceil(samples_per_step / updates_per_step)
+        per_rank = math.ceil(per_update / self.num_learners)
+        return max(1, math.ceil(per_rank / self.micro_batch_size))
 
     @model_validator(mode="after")
     def _placeable(self) -> "TrainerConfig":

@@ -166,7 +166,7 @@ class RLPipeline:
 
     def __init__(self, config: PixelRayConfig, model_path: str, records: list[PromptRecord]):
         self.config = config
-        self.images = MediaRefCache(config.rollout.image_cache_bytes)
+        self.media = MediaRefCache(config.rollout.image_cache_bytes)
         self.prompts = PromptStream(records, config.data.shuffle, config.seed)
         rollout, trainer = config.rollout, config.trainer
         env = {"env_vars": run_env_vars(config)}
@@ -210,9 +210,9 @@ class RLPipeline:
 
     def _prompt_task(self, record: PromptRecord) -> PromptTask:
         if record.is_video:  # shown as its N sampled frames; select_frames reads the same source
-            video = self.images.get_video(record, self.config.tools.budgets.num_video_frames)
+            video = self.media.get_video(record, self.config.tools.budgets.num_video_frames)
             return PromptTask(record.qid, record.question, None, record.answers, is_video=True, video=video)
-        return PromptTask(record.qid, record.question, self.images.get(record.media_paths[0]), record.answers)
+        return PromptTask(record.qid, record.question, self.media.get(record.media_paths[0]), record.answers)
 
     def _balance(self, tasks: list[PromptTask]) -> list[tuple]:
         """Shares of `tasks` per worker: each prompt goes to the worker with the fewest trajectories
@@ -322,7 +322,7 @@ class RLPipeline:
                 samples.append(TrainSample(trajectory.token_ids, trajectory.loss_mask,
                                            trajectory.behaviour_logprobs, trajectory.images, advantage))
         rollout_metrics = _rollout_metrics(trajectories, groups, generation)
-        rollout_metrics.update(_crop_hit_metrics(trajectories, records, self.images.sizes))
+        rollout_metrics.update(_crop_hit_metrics(trajectories, records, self.media.sizes))
         timings["time/step_s"] = time.perf_counter() - started
         return PreparedBatch(batch, trajectories, samples, kept_groups, rollout_metrics, timings)
 

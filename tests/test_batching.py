@@ -79,5 +79,5 @@ def test_gradient_accumulation_covers_each_update_s_share_of_the_step():
 
     trainer = TrainerConfig(num_learners=2, micro_batch_size=4, updates_per_step=4)
     assert trainer.gradient_accumulation_steps(64) == 8  # 32 per rank / 4
-    assert trainer.gradient_accumulation_steps(64 // 4) == 2  # one of four mini-batches: 8 per rank
+    assert trainer.gradient_accumulation_steps(64, updates_per_step=4) == 2  # one of four mini-batches: 8 per rank
     assert trainer.gradient_accumulation_steps(1) == 1
