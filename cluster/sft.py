@@ -52,7 +52,8 @@ def build_examples(config: PixelRayConfig, model_path: str):
                              system_prompt=None if sft.keep_data_system_prompt else TOOL_SYSTEM_PROMPT, strict=False)
     return synthetic_zoom_traces(tokenizer, config.data.synthetic, sft.num_traces, budgets,
                                  sft.self_correction_fraction, seed=config.seed, direct_fraction=sft.direct_fraction,
-                                 closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers)
+                                 closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers,
+                                 misdirected_fraction=sft.misdirected_fraction)
 
 
 def plan_steps(num_examples: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:

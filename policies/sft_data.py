@@ -49,7 +49,7 @@ class SFTExample:
     loss_mask: list[int]  # 1 on assistant tokens (incl. their closing <|im_end|>), else 0
     images: list[np.ndarray]  # HxWx3 uint8 as the model sees them, one per <|image_pad|>, in order
     qid: str = ""
-    kind: str = ""  # "pixel_reasoner", or for generated traces "zoom", "zoom_miss", "zoom_error", "direct"
+    kind: str = ""  # "pixel_reasoner", or generated: "zoom", "zoom_miss", "zoom_error", "zoom_misdirected", "direct", "closeup"
     assistant_text: str = ""  # the assistant turns, "\n"-joined (diagnostics, tests)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -352,6 +352,7 @@ def synthetic_zoom_traces(
     direct_fraction: float = 0.0,
     closeup_fraction: float = 0.0,
     closeup_answers: Literal["uniform", "task"] = "uniform",
+    misdirected_fraction: float = 0.0,
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
@@ -371,12 +372,17 @@ def synthetic_zoom_traces(
     answers are uniform over the options by default (`closeup_answers`): perception pretraining
     does not carry the task's answer prior (`spec.prior_fraction`), and under it the minority
     patterns got too few close-ups to be read. "task" draws them from the task's distribution.
+    A `misdirected_fraction` of the plain zoom traces crop a region that misses the square (another
+    cell under region_hint, where one clears the square) and answer anyway, without a fix ("zoom_misdirected"): the crop shows
+    nothing, so what the model learns there is the task's prior, a guess. It sets how often the warm
+    start's sampled zooms look in the wrong place by the data, not by how well one SFT draw happens
+    to learn the box: the learning trap needs zooms that pay little when RL starts.
 
     The random stream depends on the spec's task parameters and `seed`, not on its split sizes, so
     changing `num_eval` leaves the traces as they were.
     """
     for name, value in (("self_correction_fraction", self_correction_fraction), ("direct_fraction", direct_fraction),
-                        ("closeup_fraction", closeup_fraction)):
+                        ("closeup_fraction", closeup_fraction), ("misdirected_fraction", misdirected_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1]")
     if closeup_answers not in ("uniform", "task"):
@@ -388,6 +394,8 @@ def synthetic_zoom_traces(
         kind = "zoom"
         if rng.random() < self_correction_fraction:
             kind = rng.choice(("zoom_miss", "zoom_error"))
+        elif misdirected_fraction and rng.random() < misdirected_fraction:
+            kind = "zoom_misdirected"
         if direct_fraction and rng.random() < direct_fraction:
             kind = "direct"
         if closeup_fraction and rng.random() < closeup_fraction:
@@ -428,8 +436,16 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
         return builder.finish(qid=qid, kind=kind, metadata=metadata)
     opener = rng.choice(OPENERS)
     miss = None
-    if kind == "zoom_miss":
+    if kind in ("zoom_miss", "zoom_misdirected"):
         miss = _other_region(spec, gold, rng) if example.region_box else _missing_box(gold, rng)
+    if kind == "zoom_misdirected":
+        miss = miss or _missing_box(gold, rng)
+        first = act(opener + "\n" + crop_call(miss))
+        if not first.ok or _overlaps(first.box_pixels, gold_pixels):
+            raise AssertionError(f"the misdirected crop of {qid} saw the square or failed: {first}")
+        metadata["first_box_pixels"] = first.box_pixels
+        builder.assistant(answer_text(colour))
+        return builder.finish(qid=qid, kind=kind, metadata=metadata)
     if miss is not None:  # a miss no cell can give (square by the centre cell's edge): an error trace instead
         first = act(opener + "\n" + crop_call(miss))
         if not first.ok or _overlaps(first.box_pixels, gold_pixels):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from policies.sft_data import synthetic_zoom_traces
+from policies.sft_data import MISS_TEXT, synthetic_zoom_traces
 from policies.synthetic import PATTERNS, REGIONS, SyntheticZoomSpec, draw_example, pattern_tile, region_box
 from policies.visual_ops import PixelBudgets, resize_to_budget, run_turn
 
@@ -82,6 +82,30 @@ def test_hinted_traces_crop_the_named_cell_and_direct_traces_answer_at_once(tiny
         assert final_box[0] <= x1 and final_box[1] <= y1 and final_box[2] >= x2 and final_box[3] >= y2
         if example.kind == "zoom_miss":
             assert calls[0]["arguments"]["bbox_2d"] != final_box
+
+
+def test_misdirected_traces_crop_another_cell_and_answer_without_a_fix(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    plain = synthetic_zoom_traces(tokenizer, SPEC, 40, BUDGETS, self_correction_fraction=0.0, seed=5)
+    examples = synthetic_zoom_traces(tokenizer, SPEC, 40, BUDGETS, self_correction_fraction=0.0, seed=5,
+                                     misdirected_fraction=0.5)
+    misdirected = [e for e in examples if e.kind == "zoom_misdirected"]
+    assert 10 <= len(misdirected) <= 30 and {e.kind for e in plain} == {"zoom"}
+    cells = 0
+    for example in misdirected:
+        calls = [json.loads(part.split("</tool_call>")[0]) for part in example.assistant_text.split("<tool_call>")[1:]]
+        assert len(calls) == 1 and len(example.images) == 2  # one crop, no second try
+        # the padded crop (full-resolution pixels) misses the square: another cell, or where every
+        # cell's padding reaches the square, a small box elsewhere
+        left, top, right, bottom = example.metadata["first_box_pixels"]
+        x1, y1, x2, y2 = (round(v * SPEC.canvas_size) for v in example.metadata["gold_box"])
+        assert right <= x1 or left >= x2 or bottom <= y1 or top >= y2
+        cells += calls[0]["arguments"]["bbox_2d"] in [region_box(SPEC, cell) for cell in range(4)]
+        assert MISS_TEXT not in example.assistant_text
+        assert example.assistant_text.endswith("\\boxed{%s}" % example.metadata["colour"])
+    assert cells >= len(misdirected) / 2
 
 
 def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_model_dir):
