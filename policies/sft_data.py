@@ -372,11 +372,13 @@ def synthetic_zoom_traces(
     answers are uniform over the options by default (`closeup_answers`): perception pretraining
     does not carry the task's answer prior (`spec.prior_fraction`), and under it the minority
     patterns got too few close-ups to be read. "task" draws them from the task's distribution.
-    A `misdirected_fraction` of the plain zoom traces crop a region that misses the square (another
-    cell under region_hint, where one clears the square) and answer anyway, without a fix ("zoom_misdirected"): the crop shows
-    nothing, so what the model learns there is the task's prior, a guess. It sets how often the warm
-    start's sampled zooms look in the wrong place by the data, not by how well one SFT draw happens
-    to learn the box: the learning trap needs zooms that pay little when RL starts.
+    A `misdirected_fraction` of the plain zoom traces crop a random small region that misses the
+    square and answer anyway, without a fix ("zoom_misdirected"): the crop shows nothing, so what
+    the model learns there is the task's prior, a guess. It sets how often the warm start's sampled
+    zooms look in the wrong place by the data, not by how well one SFT draw happens to learn the
+    box: the learning trap needs zooms that pay little when RL starts. The misses are spread over
+    many boxes, so the right box can stay the single likeliest one (greedy decoding zooms right)
+    while most sampled zooms miss.
 
     The random stream depends on the spec's task parameters and `seed`, not on its split sizes, so
     changing `num_eval` leaves the traces as they were.
@@ -436,11 +438,10 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
         return builder.finish(qid=qid, kind=kind, metadata=metadata)
     opener = rng.choice(OPENERS)
     miss = None
-    if kind in ("zoom_miss", "zoom_misdirected"):
+    if kind == "zoom_miss":
         miss = _other_region(spec, gold, rng) if example.region_box else _missing_box(gold, rng)
     if kind == "zoom_misdirected":
-        miss = miss or _missing_box(gold, rng)
-        first = act(opener + "\n" + crop_call(miss))
+        first = act(opener + "\n" + crop_call(_missing_box(gold, rng)))
         if not first.ok or _overlaps(first.box_pixels, gold_pixels):
             raise AssertionError(f"the misdirected crop of {qid} saw the square or failed: {first}")
         metadata["first_box_pixels"] = first.box_pixels
