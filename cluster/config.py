@@ -163,7 +163,8 @@ class SFTConfig(Section):
     self_correction_fraction: float = Field(default=0.3, ge=0, le=1)  # traces that err first, then fix
     direct_fraction: float = Field(default=0.0, ge=0, le=1)  # traces that answer without a visual operation
     closeup_fraction: float = Field(default=0.0, ge=0, le=1)  # perception examples: a close-up and its answer
-    misdirected_fraction: float = Field(default=0.0, ge=0, le=1)  # plain zoom traces that crop a random miss, then guess
+    misdirected_fraction: float = Field(default=0.0, ge=0, le=1)  # plain zoom traces that crop a miss, then guess
+    misdirected_crops: Literal["cell", "random"] = "random"  # the miss: a small box anywhere, or another cell
     # "uniform": close-ups answer each option equally often (perception pretraining has no answer
     # prior); "task": as the task's answers (data.synthetic.prior_fraction)
     closeup_answers: Literal["uniform", "task"] = "uniform"

@@ -53,7 +53,7 @@ def build_examples(config: PixelRayConfig, model_path: str):
     return synthetic_zoom_traces(tokenizer, config.data.synthetic, sft.num_traces, budgets,
                                  sft.self_correction_fraction, seed=config.seed, direct_fraction=sft.direct_fraction,
                                  closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers,
-                                 misdirected_fraction=sft.misdirected_fraction)
+                                 misdirected_fraction=sft.misdirected_fraction, misdirected_crops=sft.misdirected_crops)
 
 
 def plan_steps(num_examples: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:

@@ -353,6 +353,7 @@ def synthetic_zoom_traces(
     closeup_fraction: float = 0.0,
     closeup_answers: Literal["uniform", "task"] = "uniform",
     misdirected_fraction: float = 0.0,
+    misdirected_crops: Literal["cell", "random"] = "random",
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
@@ -372,13 +373,14 @@ def synthetic_zoom_traces(
     answers are uniform over the options by default (`closeup_answers`): perception pretraining
     does not carry the task's answer prior (`spec.prior_fraction`), and under it the minority
     patterns got too few close-ups to be read. "task" draws them from the task's distribution.
-    A `misdirected_fraction` of the plain zoom traces crop a random small region that misses the
-    square and answer anyway, without a fix ("zoom_misdirected"): the crop shows nothing, so what
-    the model learns there is the task's prior, a guess. It sets how often the warm start's sampled
-    zooms look in the wrong place by the data, not by how well one SFT draw happens to learn the
-    box: the learning trap needs zooms that pay little when RL starts. The misses are spread over
-    many boxes, so the right box can stay the single likeliest one (greedy decoding zooms right)
-    while most sampled zooms miss.
+    A `misdirected_fraction` of the plain zoom traces crop a region that misses the square and
+    answer anyway, without a fix ("zoom_misdirected"): the crop shows nothing, so what the model
+    learns there is the task's prior, a guess. It sets how often the warm start's sampled zooms look
+    in the wrong place by the data, not by how well one SFT draw happens to learn the box: the
+    learning trap needs zooms that pay little when RL starts. `misdirected_crops`: "random", a small
+    box anywhere clear of the square (spread over many boxes, so the right box can stay the single
+    likeliest one while most sampled zooms miss); "cell", another cell under region_hint (a random
+    miss where every cell's padding reaches the square, or without region_hint).
 
     The random stream depends on the spec's task parameters and `seed`, not on its split sizes, so
     changing `num_eval` leaves the traces as they were.
@@ -389,6 +391,8 @@ def synthetic_zoom_traces(
             raise ValueError(f"{name} must lie in [0, 1]")
     if closeup_answers not in ("uniform", "task"):
         raise ValueError(f"closeup_answers must be 'uniform' or 'task', not {closeup_answers!r}")
+    if misdirected_crops not in ("cell", "random"):
+        raise ValueError(f"misdirected_crops must be 'cell' or 'random', not {misdirected_crops!r}")
     closeup_spec = spec.model_copy(update={"prior_fraction": None}) if closeup_answers == "uniform" else spec
     rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(exclude={"num_train", "num_eval"}), seed))
     examples = []
@@ -403,12 +407,13 @@ def synthetic_zoom_traces(
         if closeup_fraction and rng.random() < closeup_fraction:
             kind = "closeup"
         example = draw_example(closeup_spec if kind == "closeup" else spec, rng)
-        examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}"))
+        examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}",
+                                    misdirected_crops=misdirected_crops))
     return examples
 
 
 def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budgets: PixelBudgets,
-                kind: str, rng: random.Random, qid: str) -> SFTExample:
+                kind: str, rng: random.Random, qid: str, misdirected_crops: str = "random") -> SFTExample:
     original, colour, gold = example.image, example.answer, example.gold_box
     gold_pixels = _pixel_box(gold, original.size)
     metadata: dict[str, Any] = {"colour": colour, "gold_box": list(gold)}
@@ -441,7 +446,8 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
     if kind == "zoom_miss":
         miss = _other_region(spec, gold, rng) if example.region_box else _missing_box(gold, rng)
     if kind == "zoom_misdirected":
-        first = act(opener + "\n" + crop_call(_missing_box(gold, rng)))
+        other_cell = _other_region(spec, gold, rng) if misdirected_crops == "cell" and example.region_box else None
+        first = act(opener + "\n" + crop_call(other_cell or _missing_box(gold, rng)))
         if not first.ok or _overlaps(first.box_pixels, gold_pixels):
             raise AssertionError(f"the misdirected crop of {qid} saw the square or failed: {first}")
         metadata["first_box_pixels"] = first.box_pixels

@@ -106,6 +106,12 @@ def test_misdirected_traces_crop_a_random_miss_and_answer_without_a_fix(tiny_mod
         assert MISS_TEXT not in example.assistant_text
         assert example.assistant_text.endswith("\\boxed{%s}" % example.metadata["colour"])
     assert len(boxes) == len(misdirected)  # spread out: no wrong box is a likely one
+    cells = synthetic_zoom_traces(tokenizer, SPEC, 40, BUDGETS, self_correction_fraction=0.0, seed=5,
+                                  misdirected_fraction=0.5, misdirected_crops="cell")
+    cell_boxes = [json.loads(e.assistant_text.split("<tool_call>")[1].split("</tool_call>")[0])["arguments"]["bbox_2d"]
+                  for e in cells if e.kind == "zoom_misdirected"]
+    assert len(cell_boxes) >= 10
+    assert sum(box in [region_box(SPEC, cell) for cell in range(4)] for box in cell_boxes) >= len(cell_boxes) / 2
 
 
 def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_model_dir):
