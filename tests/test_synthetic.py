@@ -84,7 +84,7 @@ def test_hinted_traces_crop_the_named_cell_and_direct_traces_answer_at_once(tiny
             assert calls[0]["arguments"]["bbox_2d"] != final_box
 
 
-def test_misdirected_traces_crop_a_random_miss_and_answer_without_a_fix(tiny_model_dir):
+def test_misdirected_traces_crop_a_miss_and_answer_without_a_fix(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
