@@ -445,19 +445,17 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
     miss = None
     if kind == "zoom_miss":
         miss = _other_region(spec, gold, rng) if example.region_box else _missing_box(gold, rng)
-    if kind == "zoom_misdirected":
+    elif kind == "zoom_misdirected":
         other_cell = _other_region(spec, gold, rng) if misdirected_crops == "cell" and example.region_box else None
-        first = act(opener + "\n" + crop_call(other_cell or _missing_box(gold, rng)))
-        if not first.ok or _overlaps(first.box_pixels, gold_pixels):
-            raise AssertionError(f"the misdirected crop of {qid} saw the square or failed: {first}")
-        metadata["first_box_pixels"] = first.box_pixels
-        builder.assistant(answer_text(colour))
-        return builder.finish(qid=qid, kind=kind, metadata=metadata)
-    if miss is not None:  # a miss no cell can give (square by the centre cell's edge): an error trace instead
+        miss = other_cell or _missing_box(gold, rng)
+    if miss is not None:  # a zoom_miss no cell can give (square by the centre cell's edge): an error trace instead
         first = act(opener + "\n" + crop_call(miss))
         if not first.ok or _overlaps(first.box_pixels, gold_pixels):
             raise AssertionError(f"the miss crop of {qid} saw the square or failed: {first}")
         metadata["first_box_pixels"] = first.box_pixels
+        if kind == "zoom_misdirected":  # no fix: a guess from a crop that shows nothing
+            builder.assistant(answer_text(colour))
+            return builder.finish(qid=qid, kind=kind, metadata=metadata)
         fix = MISS_TEXT
     elif kind in ("zoom_error", "zoom_miss"):
         kind = "zoom_error"
