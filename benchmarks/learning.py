@@ -11,6 +11,8 @@ own entry point, in its own process, so each starts and stops its own local Ray)
 2. RL with curiosity (`python -m cluster.run`, the preset's reward: alpha 2, H 0.6) from the SFT
    checkpoint;
 3. the same RL with `reward.curiosity.alpha=0`, same seed, same data.
+With `sft.skill_gate` set, SFT stops at the first epoch whose warm start passes the gate, and
+`--draws N` tries up to N SFT draws (`sft.seed` + 1000 each) until one does.
 Between 1 and 2, `python -m cluster.skill_probe` measures the warm start's two skills teacher-forced
 (reading a close-up, choosing the named cell to crop): the lift needs both.
 Both RL runs evaluate the held-out split greedily before the first step and every
@@ -46,8 +48,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="the PNG (default: <workdir>/learning.png)")
     parser.add_argument("--skip-sft", action="store_true", help="reuse <workdir>/sft/hf from an earlier run")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="SFT draws to try until one passes sft.skill_gate (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every stage, e.g. steps=20")
     return parser.parse_args(argv)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def run_stage(name: str, module: str, arguments: list[str], workdir: Path) -> float:
@@ -62,8 +72,37 @@ def run_stage(name: str, module: str, arguments: list[str], workdir: Path) -> fl
                                stderr=subprocess.STDOUT, env=env)
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"stage {name} exited with {code}; the end of {log}:\n{tail}")
+        raise StageFailed(f"stage {name} exited with {code}; the end of {log}:\n{tail}", code)
     return time.perf_counter() - started
+
+
+def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int, timings: dict) -> list[dict]:
+    """Stage 1: SFT into <workdir>/sft. With `sft.skill_gate` set, a draw that misses the gate
+    (exit code GATE_FAILED) is followed by another SFT draw (`sft.seed` + 1000), up to `max_draws`;
+    one entry per draw: its seed, gate verdict and checks (none without a gate)."""
+    from cluster.config import load_config
+    from cluster.sft import GATE_FAILED, sft_seed
+
+    first_seed = sft_seed(load_config(config, overrides))
+    draws = []
+    for draw in range(max_draws):
+        seed = first_seed + 1000 * draw
+        summary_path = workdir / "sft.json"
+        try:
+            timings[f"sft-{draw}" if draw else "sft"] = run_stage(
+                "sft", "cluster.sft", ["--config", config, "--summary-json", str(summary_path),
+                                       f"sft.output_dir={workdir / 'sft'}", *overrides, f"sft.seed={seed}"], workdir)
+        except StageFailed as failure:
+            if failure.code != GATE_FAILED:
+                raise
+        gate = json.loads(summary_path.read_text()).get("skill_gate")
+        checks = gate["checks"] if gate else []
+        draws.append({"sft_seed": seed, "checks": checks, **({"passed": gate["passed"],
+                      "why": checks[-1]["why"] if checks else "no check ran"} if gate else {})})
+        if not gate or gate["passed"]:
+            break
+        print(f"[sft] draw {draw + 1} (sft.seed={seed}) missed the skill gate: {draws[-1]['why']}", file=sys.stderr)
+    return draws
 
 
 def curve(summary: dict) -> dict[str, list[float]]:
@@ -142,6 +181,11 @@ def format_table(results: dict) -> str:
         lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
                      + (f", writes the named cell's box for {localization['accuracy']:.0%} of {localization['count']} "
                         f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else ""))
+    for draw in results["warm_start"].get("draws", []):
+        if draw["checks"]:
+            last = draw["checks"][-1]
+            lines.append(f"skill gate, sft.seed={draw['sft_seed']}: {last['verdict']} at epoch {last['epoch']} ({last['why']}; "
+                         f"checked epochs {', '.join(str(c['epoch']) for c in draw['checks'])})")
     for name, c in results["curves"].items():
         split = early_split(c)
         if split:
@@ -216,9 +260,15 @@ def main(argv: list[str] | None = None) -> dict:
     config = args.config if not Path(args.config).exists() else str(Path(args.config).resolve())
     timings: dict[str, float] = {}
     sft_dir = workdir / "sft"
+    draws: list[dict] = []
     if not args.skip_sft:
-        timings["sft"] = run_stage("sft", "cluster.sft", ["--config", config, "--summary-json", str(workdir / "sft.json"),
-                                                          f"sft.output_dir={sft_dir}", *args.overrides], workdir)
+        draws = warm_start(config, args.overrides, workdir, args.draws, timings)
+        if not draws[-1].get("passed", True):
+            results = {"warm_start": {"draws": draws}, "config": {"preset": args.config, "overrides": args.overrides},
+                       "wall_s": timings}
+            (Path(args.json).resolve() if args.json else workdir / "learning.json").write_text(json.dumps(results, indent=2))
+            raise SystemExit(f"no warm start passed sft.skill_gate in {len(draws)} draw(s): "
+                             + "; ".join(f"sft.seed={d['sft_seed']}: {d['why']}" for d in draws))
     # the warm start's two skills, teacher-forced (cluster/skill_probe.py): what the lift depends on
     timings["probe"] = run_stage("probe", "cluster.skill_probe", [
         str(sft_dir / "hf"), "--config", config, "--json", str(workdir / "probe.json"), *args.overrides], workdir)
@@ -232,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         curves[name] = curve(json.loads(summary_path.read_text()))
     results = results_of(curves, timings)
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
+    results["warm_start"]["draws"] = draws
     results["config"] = {"preset": args.config, "overrides": args.overrides}
     plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
     results["plot"] = str(plot_path)

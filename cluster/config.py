@@ -152,6 +152,26 @@ class TrainerConfig(Section):
         return self
 
 
+class SkillGateConfig(Section):
+    """Make the warm start's skills a checked outcome, not a draw: after each epoch from
+    `first_check_epoch` on, SFT writes the model and probes it (`cluster.skill_probe`, teacher-forced,
+    fresh examples); it stops at the first check that passes, and fails (exit code 3, the model
+    still written) if the box share overshoots `box_range` or the epochs run out. The learning
+    demonstration needs a warm start that reads close-ups and whose zooms pay little at first.
+    The lr schedule still spans `sft.epochs` (the budget): a gate passed early stops mid-schedule."""
+
+    min_reading: float = Field(default=0.9, ge=0, le=1)  # close-ups read right, at least
+    box_range: tuple[float, float] | None = None  # named cell's box written greedily, share within
+    first_check_epoch: int = Field(default=1, ge=1)
+    probe_examples: int = Field(default=64, ge=1)  # per skill and check (one example = 1.6 points at 64)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SkillGateConfig":
+        if self.box_range and not 0 <= self.box_range[0] <= self.box_range[1] <= 1:
+            raise ValueError(f"box_range {list(self.box_range)} must be [low, high] with 0 <= low <= high <= 1")
+        return self
+
+
 class SFTConfig(Section):
     """Warm-start SFT (`python -m cluster.sft`): the paper's recipe is lr 1e-6 cosine, warmup 0.1,
     5 epochs, ZeRO-2, vision tower frozen; the tiny model needs a far higher lr to learn quickly."""
@@ -168,6 +188,7 @@ class SFTConfig(Section):
     # "uniform": close-ups answer each option equally often (perception pretraining has no answer
     # prior); "task": as the task's answers (data.synthetic.prior_fraction)
     closeup_answers: Literal["uniform", "task"] = "uniform"
+    seed: int | None = None  # the SFT draw (generated traces, their order); None: the run's seed
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=4, ge=1)  # examples per optimizer step, all learners together
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); the schedule spans them
@@ -176,6 +197,7 @@ class SFTConfig(Section):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     freeze_vision_tower: bool | None = None  # None: as trainer.freeze_vision_tower
     output_dir: str = "checkpoints/sft"  # the model lands in <output_dir>/hf
+    skill_gate: SkillGateConfig | None = None  # None: train all epochs, unchecked
 
 
 class TrackingConfig(Section):
@@ -216,6 +238,15 @@ class PixelRayConfig(Section):
             raise ValueError("device=cuda needs rollout.num_gpus > 0 and trainer.num_gpus_per_learner > 0")
         if self.device == "cpu" and (self.rollout.num_gpus or self.trainer.num_gpus_per_learner):
             raise ValueError("device=cpu cannot ask for GPUs (rollout.num_gpus, trainer.num_gpus_per_learner)")
+        gate = self.sft.skill_gate
+        if gate and (self.sft.data_path or self.data.train_path):
+            raise ValueError("sft.skill_gate probes the built-in synthetic task: it needs sft.data_path and "
+                             "data.train_path unset")
+        if gate and gate.box_range and not self.data.synthetic.region_hint:
+            raise ValueError("sft.skill_gate.box_range needs data.synthetic.region_hint (a named cell to crop)")
+        if gate and gate.first_check_epoch > self.sft.epochs:
+            raise ValueError(f"sft.skill_gate.first_check_epoch ({gate.first_check_epoch}) is after the last "
+                             f"epoch (sft.epochs={self.sft.epochs})")
         trainer = self.trainer
         if (self.rollout.engine == "vllm" and trainer.weight_sync_format == "shm"
                 and trainer.weight_sync_shm_slots < self.max_staleness + 1):

@@ -9,6 +9,8 @@ in <sft.output_dir>/hf. Then start RL from it:
     python -m cluster.run model.path=<sft.output_dir>/hf
 
 `sft.data_path=FILE` trains on the Pixel Reasoner SFT format (`message_list` records) instead.
+`sft.skill_gate.*` (synthetic task) probes the warm start's skills after each epoch and stops at the
+first check it passes; it exits with 3 if the warm start misses the gate (config.SkillGateConfig).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 from cluster.config import ConfigError, PixelRayConfig
 
 logger = logging.getLogger(__name__)
+GATE_FAILED = 3  # exit code: trained, but the warm start missed sft.skill_gate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,9 +54,14 @@ def build_examples(config: PixelRayConfig, model_path: str):
         return read_sft_json(sft.data_path, tokenizer, budgets, image_root=sft.image_root,
                              system_prompt=None if sft.keep_data_system_prompt else TOOL_SYSTEM_PROMPT, strict=False)
     return synthetic_zoom_traces(tokenizer, config.data.synthetic, sft.num_traces, budgets,
-                                 sft.self_correction_fraction, seed=config.seed, direct_fraction=sft.direct_fraction,
+                                 sft.self_correction_fraction, seed=sft_seed(config), direct_fraction=sft.direct_fraction,
                                  closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers,
                                  misdirected_fraction=sft.misdirected_fraction, misdirected_crops=sft.misdirected_crops)
+
+
+def sft_seed(config: PixelRayConfig) -> int:
+    """The seed of the SFT draw (generated traces and their order): sft.seed, else the run's seed."""
+    return config.seed if config.sft.seed is None else config.sft.seed
 
 
 def plan_steps(num_examples: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
@@ -115,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"data_s": data_s, "ray_s": time.perf_counter() - started - data_s}
     tracker = Tracker(config.tracking, config)
     status, learners = "FAILED", None
+    gate, checks = sft.skill_gate, []
     history: list[dict[str, float]] = []
     kinds: dict[str, int] = {}
     for example in examples:
@@ -130,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         timings["learner_setup_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         progress = tqdm(total=total_steps, desc="SFT steps", unit="step", file=sys.stderr)
-        step = 0
+        step, written_at, hf_dir = 0, None, None
         for epoch in range(sft.epochs):
             order = list(range(len(examples)))
-            random.Random(config.seed * 1000 + epoch).shuffle(order)
+            random.Random(sft_seed(config) * 1000 + epoch).shuffle(order)
             for start in range(0, len(order), sft.batch_size):
                 if step == total_steps:
                     break
@@ -145,11 +154,25 @@ def main(argv: list[str] | None = None) -> int:
                 progress.update()
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
                 step += 1
+            if gate and epoch + 1 >= gate.first_check_epoch:
+                mark_check = time.perf_counter()
+                hf_dir, written_at = write_model(learners, model_path, Path(sft.output_dir)), step
+                checks.append(check_skills(hf_dir, config, epoch + 1, step))
+                tracker.log_metrics({f"sft/skill_{k}": v for k, v in checks[-1].items() if isinstance(v, float)}, step)
+                timings["skill_checks_s"] = timings.get("skill_checks_s", 0.0) + time.perf_counter() - mark_check
+                progress.write(f"epoch {epoch + 1}: skill gate {checks[-1]['verdict']} ({checks[-1]['why']})")
+                if checks[-1]["verdict"] != "short":
+                    break
+            if step == total_steps:
+                break
         progress.close()
-        timings["loop_s"] = time.perf_counter() - mark
+        timings["loop_s"] = time.perf_counter() - mark - timings.get("skill_checks_s", 0.0)
         mark = time.perf_counter()
-        hf_dir = write_model(learners, model_path, Path(sft.output_dir))
+        if written_at != step:
+            hf_dir = write_model(learners, model_path, Path(sft.output_dir))
         timings["save_s"] = time.perf_counter() - mark
+        if gate:
+            mlflow.set_tag("pixelray.skill_gate", checks[-1]["verdict"] if checks else "unchecked")
         status = "FINISHED"
     finally:
         tracker.finish(status)
@@ -160,17 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "run_id": tracker.run_id, "tracking_uri": config.tracking.tracking_uri, "base_model": model_path,
         "model": str(hf_dir.resolve()), "examples": len(examples), "kinds": kinds, "skipped_too_long": len(too_long),
-        "steps": len(history), "steps_per_epoch": per_epoch, "epochs": sft.epochs, "lr": sft.lr,
+        "steps": len(history), "steps_per_epoch": per_epoch, "epochs": sft.epochs,
+        "epochs_trained": history[-1]["epoch"] + 1, "lr": sft.lr,
         "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
         "last_token_accuracy": history[-1]["token_accuracy"],
         "trained_tokens": sum(h["trained_tokens"] for h in history),
         "train_s": round(sum(h["train_s"] for h in history), 1), **{k: round(v, 1) for k, v in timings.items()},
         "wall_s": round(time.perf_counter() - started, 1),
     }
+    if gate:
+        summary["skill_gate"] = {"passed": checks[-1]["verdict"] == "passed" if checks else False,
+                                 **gate.model_dump(mode="json"), "checks": checks}
     (Path(sft.output_dir) / "sft_summary.json").write_text(json.dumps({**summary, "history": history}, indent=2))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps({**summary, "history": history}, indent=2))
-    print(f"SFT: {summary['examples']} examples {kinds}, {summary['steps']} steps over {sft.epochs} epochs "
+    print(f"SFT: {summary['examples']} examples {kinds}, {summary['steps']} steps over {summary['epochs_trained']} epochs "
           f"in {summary['wall_s']} s (training {summary['train_s']} s)")
     every = max(1, len(history) // 10)
     print("step  epoch      loss  token_acc        lr")
@@ -178,7 +205,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{h['step']:>4}  {h['epoch']:>5}  {h['loss']:>8.4f}  {h['token_accuracy']:>9.3f}  {h['lr']:>8.2e}")
     print(f"MLflow run {tracker.run_id} in {config.tracking.tracking_uri}")
     print(f"model: {summary['model']}\nstart RL from it: python -m cluster.run model.path={summary['model']}")
+    if gate and not summary["skill_gate"]["passed"]:
+        last = checks[-1] if checks else {"epoch": summary["epochs"], "why": "no check ran"}
+        print(f"error: the warm start failed sft.skill_gate at epoch {last['epoch']}: {last['why']} "
+              f"(the model is written; another seed draws another warm start)", file=sys.stderr)
+        return GATE_FAILED
     return 0
+
+
+def check_skills(hf_dir: Path, config: PixelRayConfig, epoch: int, step: int) -> dict:
+    """One skill-gate check of the model just written: the probe's numbers and the verdict."""
+    from cluster.skill_probe import gate_verdict, probe
+
+    gate = config.sft.skill_gate
+    result = probe(str(hf_dir), config, gate.probe_examples)
+    verdict, why = gate_verdict(result, gate.min_reading, gate.box_range)
+    localization = result["localization"] or {}
+    return {"epoch": epoch, "step": step, "reading": float(result["reading"]["accuracy"]),
+            **{name: float(localization[key]) for name, key in (("box", "accuracy"), ("holds_square", "holds_square"))
+               if key in localization},
+            "verdict": verdict, "why": why}
 
 
 if __name__ == "__main__":

@@ -153,6 +153,22 @@ def probe(model_path: str, config, count: int = 64) -> dict:
     return {"reading": tool.reading(count), "localization": tool.localization(count)}
 
 
+def gate_verdict(result: dict, min_reading: float, box_range: tuple[float, float] | None) -> tuple[str, str]:
+    """(verdict, why) of one probe `result` against a skill gate (`sft.skill_gate`): "passed";
+    "overshot" when the box share is above the range (more SFT only learns the box better: the
+    warm start's zooms would pay from the start, no trap); else "short" (not there yet)."""
+    reading = result["reading"]["accuracy"]
+    box = result["localization"]["accuracy"] if box_range else None
+    if box is not None and box > box_range[1]:
+        return "overshot", f"box {box:.0%} above {box_range[1]:.0%}"
+    missing = [f"reads {reading:.0%} < {min_reading:.0%}"] if reading < min_reading else []
+    if box is not None and box < box_range[0]:
+        missing.append(f"box {box:.0%} < {box_range[0]:.0%}")
+    if missing:
+        return "short", "; ".join(missing)
+    return "passed", f"reads {reading:.0%}" + (f", box {box:.0%}" if box is not None else "")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from cluster.config import load_config
 

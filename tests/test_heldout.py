@@ -73,3 +73,31 @@ def test_the_report_says_whether_the_zooms_got_better():
     table = format_table(results_of({"curiosity": improving, "no-curiosity": collapsed}, {}))
     assert "curiosity, crops holding the named square (sampled): first 5 steps 40%, last 5 80%" in table
     assert "no-curiosity, crops" not in table
+
+
+def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.learning as learning
+    from cluster.sft import GATE_FAILED
+
+    seeds = []
+
+    def fake_sft(name, module, arguments, workdir):  # SFT's summary: draw 1 misses the gate, draw 2 passes
+        seeds.append(int(arguments[-1].removeprefix("sft.seed=")))
+        verdict = "short" if len(seeds) == 1 else "passed"
+        check = {"epoch": 4, "step": 512, "reading": 0.8, "verdict": verdict, "why": f"{verdict} why"}
+        (workdir / "sft.json").write_text(json.dumps({"skill_gate": {"passed": verdict == "passed", "checks": [check]}}))
+        if verdict != "passed":
+            raise learning.StageFailed("gate", GATE_FAILED)
+        return 1.0
+
+    monkeypatch.setattr(learning, "run_stage", fake_sft)
+    draws = learning.warm_start("zoom-curiosity", ["seed=3", "sft.skill_gate.min_reading=0.9"], tmp_path, 3, {})
+    assert seeds == [3, 1003] and [d["passed"] for d in draws] == [False, True]
+    assert draws[0]["why"] == "short why" and draws[1]["sft_seed"] == 1003
+
+    seeds.clear()  # any other failure is not a draw to retry
+    monkeypatch.setattr(learning, "run_stage", lambda *a: (_ for _ in ()).throw(learning.StageFailed("crash", 1)))
+    with pytest.raises(learning.StageFailed, match="crash"):
+        learning.warm_start("zoom-curiosity", [], tmp_path, 3, {})

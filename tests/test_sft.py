@@ -23,6 +23,18 @@ def test_bad_sft_values_fail_with_the_field_named(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides, field", [
+    (["sft.skill_gate.box_range=[0.7, 0.3]"], "sft.skill_gate"),
+    (["sft.skill_gate.min_reading=1.5"], "sft.skill_gate.min_reading"),
+    (["sft.skill_gate.first_check_epoch=9", "sft.epochs=8"], "sft.skill_gate.first_check_epoch"),
+    (["sft.skill_gate.min_reading=0.9", "sft.data_path=traces.json"], "sft.skill_gate"),
+    (["sft.skill_gate.box_range=[0, 1]", "data.synthetic.region_hint=false"], "sft.skill_gate.box_range"),
+])
+def test_a_skill_gate_the_run_cannot_check_fails_at_start(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
 def test_cosine_schedule_goes_into_the_deepspeed_config_only_when_asked():
     from actors.learner import cosine_schedule, deepspeed_config
 
@@ -102,3 +114,44 @@ def test_sft_loss_falls_and_its_checkpoint_loads_and_starts_an_rl_run(tmp_path, 
     assert result.returncode == 0, result.stderr[-3000:]
     rl = json.loads(rl_summary.read_text())
     assert rl["model"] == str(hf_dir) and rl["steps"] == 1
+
+
+def run_sft(tmp_path, name, *overrides):
+    summary_path = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.sft", "--config", "zoom-curiosity", "--summary-json", str(summary_path),
+         "sft.num_traces=16", "sft.batch_size=8", f"sft.output_dir={tmp_path / name}", "trainer.torch_threads=1",
+         "sft.skill_gate.probe_examples=4", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    return result, json.loads(summary_path.read_text()) if summary_path.exists() else None
+
+
+@pytest.mark.integration
+def test_sft_stops_at_the_first_epoch_passing_its_skill_gate_and_fails_when_none_does(tmp_path, tiny_model_dir):
+    # a gate anything passes: the first check (after epoch 1 of 3) ends SFT, its model is the output
+    result, summary = run_sft(tmp_path, "passes", "sft.epochs=3", "sft.skill_gate.min_reading=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    gate = summary["skill_gate"]
+    assert gate["passed"] and [c["epoch"] for c in gate["checks"]] == [1]
+    assert summary["epochs_trained"] == 1 and summary["steps"] == summary["steps_per_epoch"] == 2
+    assert {"reading", "box", "holds_square"} <= set(gate["checks"][0]) and gate["checks"][0]["verdict"] == "passed"
+    assert (tmp_path / "passes" / "hf" / "config.json").exists()
+
+    # a box share of 100% on fresh examples is out of reach of 4 steps: checked after epochs 1 and 2,
+    # missed, exit code 3 with the reason; the model is still written
+    from cluster.sft import GATE_FAILED
+
+    result, summary = run_sft(tmp_path, "misses", "sft.epochs=2", "sft.skill_gate.min_reading=0",
+                              "sft.skill_gate.box_range=[1, 1]")
+    assert result.returncode == GATE_FAILED, result.stderr[-3000:]
+    assert "failed sft.skill_gate at epoch 2: box" in result.stderr
+    gate = summary["skill_gate"]
+    assert not gate["passed"] and [c["verdict"] for c in gate["checks"]] == ["short", "short"]
+    assert summary["steps"] == 4 and (tmp_path / "misses" / "hf" / "config.json").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(summary["run_id"]).data.tags["pixelray.skill_gate"] == "short"
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "sft/skill_reading")] == [2, 4]

@@ -2,7 +2,7 @@
 import pytest
 
 from cluster.config import load_config
-from cluster.skill_probe import _common_prefix, _last_end, _parse_box, probe
+from cluster.skill_probe import _common_prefix, _last_end, _parse_box, gate_verdict, probe
 
 
 def test_markers_are_found_from_the_end_and_calls_split_where_they_differ():
@@ -45,3 +45,20 @@ def test_the_command_takes_overrides_after_its_options(tiny_model_dir, tmp_path)
     out = tmp_path / "probe.json"
     result = main([tiny_model_dir, "--num", "1", "--json", str(out), "data.synthetic.region_hint=false"])
     assert result["localization"] is None and out.exists()
+
+
+def probed(reading, box):
+    return {"reading": {"accuracy": reading}, "localization": {"accuracy": box} if box is not None else None}
+
+
+@pytest.mark.parametrize("reading, box, box_range, verdict, why", [
+    (0.95, 0.45, (0.35, 0.65), "passed", "reads 95%, box 45%"),
+    (0.9, 0.35, (0.35, 0.65), "passed", "reads 90%, box 35%"),  # both bounds inclusive
+    (0.8, 0.45, (0.35, 0.65), "short", "reads 80% < 90%"),
+    (0.8, 0.2, (0.35, 0.65), "short", "reads 80% < 90%; box 20% < 35%"),
+    (1.0, 0.7, (0.35, 0.65), "overshot", "box 70% above 65%"),
+    (0.5, 0.7, (0.35, 0.65), "overshot", "box 70% above 65%"),  # more SFT would not bring the box back
+    (0.95, None, None, "passed", "reads 95%"),  # no box range: reading only
+])
+def test_the_skill_gate_passes_waits_or_gives_up(reading, box, box_range, verdict, why):
+    assert gate_verdict(probed(reading, box), 0.9, box_range) == (verdict, why)
