@@ -105,6 +105,20 @@ def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int,
     return draws
 
 
+def machine() -> dict:
+    """What the float32 CPU training ran on: one seed's SFT draw differs between CPUs whose torch
+    kernels differ (e.g. AVX2 vs AVX-512 rounding), so a draw is comparable only on the same kind."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"cpu": names[0] if names else platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def curve(summary: dict) -> dict[str, list[float]]:
     """Per-evaluation and per-step series of one RL run's summary JSON."""
     evaluations = summary["evaluations"]
@@ -284,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
     results["warm_start"]["draws"] = draws
     results["config"] = {"preset": args.config, "overrides": args.overrides}
+    results["machine"] = machine()
     plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
     results["plot"] = str(plot_path)
     json_path = Path(args.json).resolve() if args.json else workdir / "learning.json"
