@@ -198,8 +198,8 @@ def format_table(results: dict) -> str:
     for draw in results["warm_start"].get("draws", []):
         if draw["checks"]:
             last = draw["checks"][-1]
-            lines.append(f"skill gate, sft.seed={draw['sft_seed']}: {last['verdict']} at epoch {last['epoch']} ({last['why']}; "
-                         f"checked epochs {', '.join(str(c['epoch']) for c in draw['checks'])})")
+            lines.append(f"skill gate, sft.seed={draw['sft_seed']}: {last['verdict']} at epoch {last['epoch']:g} ({last['why']}; "
+                         f"checked epochs {', '.join(format(c['epoch'], 'g') for c in draw['checks'])})")
     for name, c in results["curves"].items():
         split = early_split(c)
         if split:

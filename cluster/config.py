@@ -153,8 +153,8 @@ class TrainerConfig(Section):
 
 
 class SkillGateConfig(Section):
-    """Make the warm start's skills a checked outcome, not a draw: after each epoch from
-    `first_check_epoch` on, SFT writes the model and probes it (`cluster.skill_probe`, teacher-forced,
+    """Make the warm start's skills a checked outcome, not a draw: after each epoch (or
+    `checks_per_epoch` times in one) from `first_check_epoch` on, SFT writes the model and probes it (`cluster.skill_probe`, teacher-forced,
     fresh examples); it stops at the first check that passes, and fails (exit code 3, the model
     still written) if the box share overshoots `box_range` or the epochs run out. The learning
     demonstration needs a warm start that reads close-ups and whose zooms pay little at first.
@@ -163,6 +163,7 @@ class SkillGateConfig(Section):
     min_reading: float = Field(default=0.9, ge=0, le=1)  # close-ups read right, at least
     box_range: tuple[float, float] | None = None  # named cell's box written greedily, share within
     first_check_epoch: int = Field(default=1, ge=1)
+    checks_per_epoch: int = Field(default=1, ge=1)  # skills can jump within an epoch (a whole cell's box at once)
     probe_examples: int = Field(default=64, ge=1)  # per skill and check (one example = 1.6 points at 64)
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ in <sft.output_dir>/hf. Then start RL from it:
     python -m cluster.run model.path=<sft.output_dir>/hf
 
 `sft.data_path=FILE` trains on the Pixel Reasoner SFT format (`message_list` records) instead.
-`sft.skill_gate.*` (synthetic task) probes the warm start's skills after each epoch and stops at the
+`sft.skill_gate.*` (synthetic task) probes the warm start's skills every epoch (or part of one) and stops at the
 first check it passes; it exits with 3 if the warm start misses the gate (config.SkillGateConfig).
 """
 from __future__ import annotations
@@ -140,31 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         mark = time.perf_counter()
         progress = tqdm(total=total_steps, desc="SFT steps", unit="step", file=sys.stderr)
         step, written_at, hf_dir = 0, None, None
-        for epoch in range(sft.epochs):
-            order = list(range(len(examples)))
-            random.Random(sft_seed(config) * 1000 + epoch).shuffle(order)
-            for start in range(0, len(order), sft.batch_size):
-                if step == total_steps:
-                    break
-                batch = [examples[i].train_sample() for i in order[start:start + sft.batch_size]]
-                metrics = learners.sft(batch)
-                metrics["epoch"] = epoch
-                history.append({"step": step, **metrics})
-                tracker.log_metrics({f"sft/{k}": v for k, v in metrics.items()}, step)
-                progress.update()
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
-                step += 1
-            if gate and epoch + 1 >= gate.first_check_epoch:
-                mark_check = time.perf_counter()
-                hf_dir, written_at = write_model(learners, model_path, Path(sft.output_dir)), step
-                checks.append(check_skills(hf_dir, config, epoch + 1, step))
-                tracker.log_metrics({f"sft/skill_{k}": v for k, v in checks[-1].items() if isinstance(v, float)}, step)
-                timings["skill_checks_s"] = timings.get("skill_checks_s", 0.0) + time.perf_counter() - mark_check
-                progress.write(f"epoch {epoch + 1}: skill gate {checks[-1]['verdict']} ({checks[-1]['why']})")
-                if checks[-1]["verdict"] != "short":
-                    break
+        for epoch, done_in_epoch, indices in epoch_batches(len(examples), sft.batch_size, sft.epochs, sft_seed(config)):
             if step == total_steps:
                 break
+            metrics = learners.sft([examples[i].train_sample() for i in indices])
+            metrics["epoch"] = epoch
+            history.append({"step": step, **metrics})
+            tracker.log_metrics({f"sft/{k}": v for k, v in metrics.items()}, step)
+            progress.update()
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+            step += 1
+            epochs_done = epoch + done_in_epoch / per_epoch
+            if gate and gate_due(gate.first_check_epoch, gate.checks_per_epoch, epochs_done, done_in_epoch, per_epoch):
+                mark_check = time.perf_counter()
+                hf_dir, written_at = write_model(learners, model_path, Path(sft.output_dir)), step
+                checks.append(check_skills(hf_dir, config, round(epochs_done, 2), step))
+                tracker.log_metrics({f"sft/skill_{k}": v for k, v in checks[-1].items() if isinstance(v, float)}, step)
+                timings["skill_checks_s"] = timings.get("skill_checks_s", 0.0) + time.perf_counter() - mark_check
+                progress.write(f"epoch {epochs_done:.2f}: skill gate {checks[-1]['verdict']} ({checks[-1]['why']})")
+                if checks[-1]["verdict"] != "short":
+                    break
         progress.close()
         timings["loop_s"] = time.perf_counter() - mark - timings.get("skill_checks_s", 0.0)
         mark = time.perf_counter()
@@ -207,13 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {summary['model']}\nstart RL from it: python -m cluster.run model.path={summary['model']}")
     if gate and not summary["skill_gate"]["passed"]:
         last = checks[-1] if checks else {"epoch": summary["epochs"], "why": "no check ran"}
-        print(f"error: the warm start failed sft.skill_gate at epoch {last['epoch']}: {last['why']} "
+        print(f"error: the warm start failed sft.skill_gate at epoch {last['epoch']:g}: {last['why']} "
               f"(the model is written; another seed draws another warm start)", file=sys.stderr)
         return GATE_FAILED
     return 0
 
 
-def check_skills(hf_dir: Path, config: PixelRayConfig, epoch: int, step: int) -> dict:
+def epoch_batches(num_examples: int, batch_size: int, epochs: int, seed: int):
+    """(epoch, batches done in it, example indices) per optimizer step; each epoch in its own order."""
+    for epoch in range(epochs):
+        order = list(range(num_examples))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for done, start in enumerate(range(0, num_examples, batch_size), 1):
+            yield epoch, done, order[start:start + batch_size]
+
+
+def gate_due(first_check_epoch: int, checks_per_epoch: int, epochs_done: float, done_in_epoch: int,
+             per_epoch: int) -> bool:
+    """Whether a skill-gate check falls after this step: `checks_per_epoch` evenly spaced points
+    of every epoch (the last at its end), from `first_check_epoch` epochs of training on."""
+    points = {math.ceil(k * per_epoch / checks_per_epoch) for k in range(1, checks_per_epoch + 1)}
+    return done_in_epoch in points and epochs_done >= first_check_epoch - 1e-9
+
+
+def check_skills(hf_dir: Path, config: PixelRayConfig, epoch: float, step: int) -> dict:
     """One skill-gate check of the model just written: the probe's numbers and the verdict."""
     from cluster.skill_probe import gate_verdict, probe
 

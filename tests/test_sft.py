@@ -155,3 +155,20 @@ def test_sft_stops_at_the_first_epoch_passing_its_skill_gate_and_fails_when_none
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(summary["run_id"]).data.tags["pixelray.skill_gate"] == "short"
     assert [m.step for m in client.get_metric_history(summary["run_id"], "sft/skill_reading")] == [2, 4]
+
+
+def test_gate_checks_fall_evenly_in_each_epoch_from_the_first_check_epoch():
+    from cluster.sft import epoch_batches, gate_due
+
+    batches = list(epoch_batches(10, 4, 2, seed=0))
+    assert [(e, d, len(i)) for e, d, i in batches] == [(0, 1, 4), (0, 2, 4), (0, 3, 2), (1, 1, 4), (1, 2, 4), (1, 3, 2)]
+    assert sorted(i for _, _, indices in batches[:3] for i in indices) == list(range(10))  # each example once an epoch
+
+    def due(first, per_check, per_epoch=4, epochs=3):
+        return [(e, d) for e in range(epochs) for d in range(1, per_epoch + 1)
+                if gate_due(first, per_check, e + d / per_epoch, d, per_epoch)]
+
+    assert due(1, 1) == [(0, 4), (1, 4), (2, 4)]
+    assert due(2, 2) == [(1, 4), (2, 2), (2, 4)]  # epoch 1.5 is before epoch 2: not checked
+    assert due(3, 4, epochs=3) == [(2, 4)]
+    assert due(1, 3, per_epoch=4, epochs=2) == [(0, 4), (1, 2), (1, 3), (1, 4)]  # ceil(4/3), ceil(8/3), 4
