@@ -137,6 +137,8 @@ def curve(summary: dict) -> dict[str, list[float]]:
         "train_accuracy_text_only": [h["metrics"].get("reward/accuracy_text_only") for h in summary["history"]],
         # share of the batch's crops holding the named square's centre (None: no crop that step)
         "train_crop_hit_rate": [h["metrics"].get("rollout/crop_hit_rate") for h in summary["history"]],
+        # mean share of the image a crop covers (1.0: whole-image "zooms"; None: no crop that step)
+        "train_crop_area": [h["metrics"].get("rollout/crop_area_mean") for h in summary["history"]],
     }
 
 
@@ -172,11 +174,11 @@ def early_split(c: dict) -> dict[str, float] | None:
     return {"pixel_reasoning": fmean(p for p, _ in pairs), "text_only": fmean(t for _, t in pairs)}
 
 
-def hit_rate_trend(c: dict) -> tuple[float, float] | None:
-    """Mean crop hit rate of the first and of the last EARLY_STEPS RL steps (steps without a crop
-    skipped): whether RL made the zooms better. None unless most steps at both ends cropped (a run
-    that stopped zooming leaves a rate of a handful of crops)."""
-    rates = c.get("train_crop_hit_rate", [])
+def hit_rate_trend(c: dict, key: str = "train_crop_hit_rate") -> tuple[float, float] | None:
+    """Mean crop hit rate (or another per-step crop series) of the first and of the last
+    EARLY_STEPS RL steps (steps without a crop skipped): whether RL made the zooms better. None
+    unless most steps at both ends cropped (a run that stopped zooming leaves a handful of crops)."""
+    rates = c.get(key, [])
     first = [r for r in rates[:EARLY_STEPS] if r is not None]
     last = [r for r in rates[-EARLY_STEPS:] if r is not None] if len(rates) > EARLY_STEPS else []
     enough = EARLY_STEPS // 2 + 1
@@ -194,7 +196,9 @@ def format_table(results: dict) -> str:
         reading, localization = skills["reading"], skills["localization"]
         lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
                      + (f", writes the named cell's box for {localization['accuracy']:.0%} of {localization['count']} "
-                        f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else ""))
+                        f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else "")
+                     + (f"; after its own zoom reads {skills['reading_after_zoom']['accuracy']:.0%}"
+                        if "reading_after_zoom" in skills else ""))
     for draw in results["warm_start"].get("draws", []):
         if draw["checks"]:
             last = draw["checks"][-1]
@@ -210,6 +214,10 @@ def format_table(results: dict) -> str:
         if trend:
             lines.append(f"{name}, crops holding the named square (sampled): first {EARLY_STEPS} steps "
                          f"{trend[0]:.0%}, last {EARLY_STEPS} {trend[1]:.0%}")
+        area = hit_rate_trend(c, "train_crop_area")
+        if area:  # a crop holding the square can be the whole image: no zoom at all
+            lines.append(f"{name}, share of the image a crop covers: first {EARLY_STEPS} steps {area[0]:.0%}, "
+                         f"last {EARLY_STEPS} {area[1]:.0%}")
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))

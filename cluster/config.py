@@ -83,6 +83,9 @@ class RewardConfig(Section):
     # "auto" (inferred from each gold's form). Mixtures set it per record instead: an `answer_type`
     # (and optional `choices`) column of the RL parquet wins over this (rewards/group.py).
     answer_type: AnswerType = "auto"
+    # Crops covering more than this share of their image do not count as visual operations for the
+    # reward (curiosity, efficiency); 1.0 = all count, as in the paper. Metrics (RaPR) count all.
+    max_crop_area: float = Field(default=1.0, gt=0, le=1)
     num_cpus: float = Field(default=0.1, ge=0)
 
 

@@ -46,7 +46,7 @@ from policies.data import PromptRecord
 from policies.episode import derive_seed
 from policies.losses import group_advantages, has_signal
 from policies.replay import ReplayBuffer, fill_batch, load_replay_state, replay_target_size, save_replay_state
-from policies.trajectory import Trajectory, crop_hits
+from policies.trajectory import Trajectory, crop_hits, rewarded_operations
 from rewards.group import RolloutOutcome, record_answer_spec
 
 
@@ -301,8 +301,8 @@ class RLPipeline:
         # question's written options); records without one use reward.answer_type
         answer_specs = {r.qid: record_answer_spec(r.question, r.metadata) for r in records}
         scored = ray.get(self.reward_actor.score.remote([
-            [RolloutOutcome(t.response_text, t.answers, t.num_visual_operations, t.last_operation_failed, t.is_video,
-                            *answer_specs[t.qid])
+            [RolloutOutcome(t.response_text, t.answers, rewarded_operations(t, config.reward.max_crop_area),
+                            t.last_operation_failed, t.is_video, *answer_specs[t.qid])
              for t in group]
             for group in groups
         ]))
@@ -489,4 +489,7 @@ def _rollout_metrics(trajectories: list[Trajectory], groups: list[list[Trajector
         "rollout/tokens_per_s": generated / generation_s if generation_s else 0.0,
         "rollout/trajectories": len(trajectories),
     })
+    areas = [op.area_fraction for op in operations if op.ok and op.area_fraction is not None]
+    if areas:  # 1.0 = crops of the whole image: "zooms" that show nothing new (reward.max_crop_area)
+        metrics["rollout/crop_area_mean"] = mean(areas)
     return metrics

@@ -57,7 +57,10 @@ class SkillProbe:
         return synthetic_zoom_traces(self.tokenizer, self.spec, count, self.config.tools.budgets,
                                      seed=PROBE_SEED, **fractions)
 
-    def reading(self, count: int) -> dict:
+    def reading(self, count: int, after_zoom: bool = False) -> dict:
+        """Close-ups read right. `after_zoom`: the same inside a zoom trace — the question, the
+        view, a crop call of the named cell and its crop, then "The square is" — the reading RL
+        relies on (a model can read a bare close-up and still answer a prior after its own crop)."""
         from policies.synthetic import answer_options
 
         options = answer_options(self.spec)
@@ -66,7 +69,8 @@ class SkillProbe:
             raise ValueError("the options' first tokens are not distinct; the reading probe cannot tell them apart")
         prefix = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
         confusion: dict[str, Counter] = defaultdict(Counter)
-        for example in self._traces(count, self_correction_fraction=0.0, closeup_fraction=1.0):
+        fractions = {"closeup_fraction": 0.0 if after_zoom else 1.0}
+        for example in self._traces(count, self_correction_fraction=0.0, **fractions):
             ids = example.token_ids
             end = _last_end(ids, prefix)
             log_probs = self._log_probs(ids[:end], example.images)[-1]
@@ -150,7 +154,8 @@ def _common_prefix(sequences: list[list[int]]) -> int:
 
 def probe(model_path: str, config, count: int = 64) -> dict:
     tool = SkillProbe(model_path, config)
-    return {"reading": tool.reading(count), "localization": tool.localization(count)}
+    return {"reading": tool.reading(count), "reading_after_zoom": tool.reading(count, after_zoom=True),
+            "localization": tool.localization(count)}
 
 
 def gate_verdict(result: dict, min_reading: float, box_range: tuple[float, float] | None) -> tuple[str, str]:

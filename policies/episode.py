@@ -365,6 +365,7 @@ def _append_observation(episode: Episode, observation: Observation | None, token
         trajectory.visual_operations.append(VisualOperation(
             name=observation.tool_name, ok=observation.ok, error_kind=observation.error_kind,
             target_image=observation.target_image, box_pixels=observation.box_pixels, frames=observation.frames,
+            source_size=observation.source_size,
         ))
     trajectory.extend(observation_token_ids(tokenizer, text, len(views)), trainable=False)
     episode.view_images.extend(views)

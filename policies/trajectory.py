@@ -20,6 +20,15 @@ class VisualOperation:
     target_image: int | None = None
     box_pixels: tuple[int, int, int, int] | None = None
     frames: list[int] | None = None
+    source_size: tuple[int, int] | None = None  # (width, height) of the image the box is in
+
+    @property
+    def area_fraction(self) -> float | None:
+        """Share of its source image a crop covers (1.0: the whole image, no zoom); None if unknown."""
+        if self.box_pixels is None or not self.source_size:
+            return None
+        left, top, right, bottom = self.box_pixels
+        return (right - left) * (bottom - top) / (self.source_size[0] * self.source_size[1])
 
 
 @dataclass
@@ -59,6 +68,15 @@ class Trajectory:
     @property
     def num_response_tokens(self) -> int:
         return sum(self.loss_mask)
+
+
+def rewarded_operations(trajectory: Trajectory, max_crop_area: float = 1.0) -> int:
+    """The visual operations the reward counts (curiosity bonus, efficiency penalty): all of them,
+    less crops covering more than `max_crop_area` of their image. A crop of (nearly) the whole
+    image shows nothing new: counted, it pays the curiosity bonus for no zoom at all, and RL
+    learned exactly that (README, "Learning demonstration")."""
+    return sum(1 for op in trajectory.visual_operations
+               if op.area_fraction is None or op.area_fraction <= max_crop_area + 1e-9)
 
 
 def crop_hits(trajectory: Trajectory, gold_box: Any, image_size: tuple[int, int]) -> list[bool]:

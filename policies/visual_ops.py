@@ -242,6 +242,7 @@ class Observation:
     error_kind: str | None = None  # one of protocol.ERROR_KINDS when not ok
     tool_name: str | None = None  # canonical name (crop_image / select_frames) once known
     box_pixels: tuple[int, int, int, int] | None = None  # crop box in the target's full-res pixels
+    source_size: tuple[int, int] | None = None  # (width, height) of the target the box is in
     target_image: int | None = None
     frames: list[int] | None = None
 
@@ -326,7 +327,7 @@ def _crop(call: CropCall, sources: Sequence[Source], budgets: PixelBudgets) -> O
     view.info.pop(ROLE_INFO_KEY, None)
     return Observation(ok=True, text=format_crop_text(view.width, view.height), view_images=[view],
                        full_images=[crop], tool_name=CROP_TOOL, box_pixels=(left, top, right, bottom),
-                       target_image=call.target_image)
+                       source_size=(full_width, full_height), target_image=call.target_image)
 
 
 def _select_frames(call: SelectFramesCall, sources: Sequence[Source], budgets: PixelBudgets) -> Observation:

@@ -59,6 +59,7 @@ def test_crop_then_answer_builds_masked_multi_turn_tokens(tokenizer):
     assert t.token_ids.count(pad) == len(t.images) == 2  # the original and one crop
     assert len(t.token_ids) == len(t.loss_mask) == len(t.behaviour_logprobs)
     assert t.visual_operations[0].ok and t.visual_operations[0].name == "crop_image"
+    assert t.visual_operations[0].source_size == (800, 600) and 0 < t.visual_operations[0].area_fraction < 1
     assert t.finish_reason == "stop" and t.policy_version == 3
     assert t.response_text.endswith("\\boxed{red}.<|im_end|>")
     # trained tokens are exactly the two generated turns, with their log-probs

@@ -73,6 +73,11 @@ def test_the_report_says_whether_the_zooms_got_better():
     table = format_table(results_of({"curiosity": improving, "no-curiosity": collapsed}, {}))
     assert "curiosity, crops holding the named square (sampled): first 5 steps 40%, last 5 80%" in table
     assert "no-curiosity, crops" not in table
+    assert "covers" not in table  # no crop areas kept
+
+    improving["train_crop_area"] = [0.25] * 5 + [0.5] * 20 + [1.0] * 5  # zooms turning into whole-image crops
+    table = format_table(results_of({"curiosity": improving, "no-curiosity": collapsed}, {}))
+    assert "curiosity, share of the image a crop covers: first 5 steps 25%, last 5 100%" in table
 
 
 def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path, monkeypatch):

@@ -28,6 +28,9 @@ def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
     assert all(set(row) <= patterns for row in reading["confusion"].values())
     right = sum(row.get(gold, 0) for gold, row in reading["confusion"].items())
     assert reading["accuracy"] == right / 4
+    after_zoom = result["reading_after_zoom"]  # the same reading inside zoom traces
+    assert sum(sum(row.values()) for row in after_zoom["confusion"].values()) == after_zoom["count"] == 4
+    assert set(after_zoom["confusion"]) <= patterns
     assert localization["count"] == 4 and localization["cells"] == 4
     quarters = {0.0, 0.25, 0.5, 0.75, 1.0}
     assert {localization["accuracy"], localization["holds_square"], localization["likeliest_cell_accuracy"]} <= quarters

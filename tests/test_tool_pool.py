@@ -29,9 +29,9 @@ def assert_same(got: Observation | None, expected: Observation | None) -> None:
     if expected is None:
         assert got is None
         return
-    assert (got.ok, got.text, got.error_kind, got.tool_name, got.box_pixels, got.target_image, got.frames) == (
-        expected.ok, expected.text, expected.error_kind, expected.tool_name, expected.box_pixels,
-        expected.target_image, expected.frames)
+    assert (got.ok, got.text, got.error_kind, got.tool_name, got.box_pixels, got.source_size, got.target_image,
+            got.frames) == (expected.ok, expected.text, expected.error_kind, expected.tool_name, expected.box_pixels,
+                            expected.source_size, expected.target_image, expected.frames)
     for got_images, expected_images in ((got.view_images, expected.view_images),
                                         (got.full_images, expected.full_images)):
         for a, b in zip(got_images, expected_images, strict=True):

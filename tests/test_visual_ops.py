@@ -133,6 +133,7 @@ def test_target_image_indexes_originals_then_returned_crops(original):
     second = ok(run_turn(crop_turn([0, 0, 0.5, 0.5], target=2), sources, BUDGETS))
     # Box within crop 1 (500x400 at (200, 240)): x 0..0.6 -> 0..300, y 0..0.6 -> 0..240.
     assert second.box_pixels == (0, 0, 300, 240)
+    assert (first.source_size, second.source_size) == ((1000, 800), (500, 400))  # the box's own image
     np.testing.assert_array_equal(np.asarray(second.full_images[0]), original[240:480, 200:500])
     # Pixel coordinates on a crop refer to the crop's view (the size its observation text reported).
     crop_view_w, crop_view_h = first.view_images[0].size
