@@ -86,6 +86,7 @@ class RewardConfig(Section):
     # Crops covering more than this share of their image do not count as visual operations for the
     # reward (curiosity, efficiency); 1.0 = all count, as in the paper. Metrics (RaPR) count all.
     max_crop_area: float = Field(default=1.0, gt=0, le=1)
+    count_failed_operations: bool = True  # False: calls answered by an execution error do not count either
     num_cpus: float = Field(default=0.1, ge=0)
 
 

@@ -301,7 +301,8 @@ class RLPipeline:
         # question's written options); records without one use reward.answer_type
         answer_specs = {r.qid: record_answer_spec(r.question, r.metadata) for r in records}
         scored = ray.get(self.reward_actor.score.remote([
-            [RolloutOutcome(t.response_text, t.answers, rewarded_operations(t, config.reward.max_crop_area),
+            [RolloutOutcome(t.response_text, t.answers, rewarded_operations(t, config.reward.max_crop_area,
+                                                                       config.reward.count_failed_operations),
                             t.last_operation_failed, t.is_video, *answer_specs[t.qid])
              for t in group]
             for group in groups

@@ -70,13 +70,14 @@ class Trajectory:
         return sum(self.loss_mask)
 
 
-def rewarded_operations(trajectory: Trajectory, max_crop_area: float = 1.0) -> int:
-    """The visual operations the reward counts (curiosity bonus, efficiency penalty): all of them,
-    less crops covering more than `max_crop_area` of their image. A crop of (nearly) the whole
-    image shows nothing new: counted, it pays the curiosity bonus for no zoom at all, and RL
-    learned exactly that (README, "Learning demonstration")."""
+def rewarded_operations(trajectory: Trajectory, max_crop_area: float = 1.0, count_failed: bool = True) -> int:
+    """The visual operations the reward counts (curiosity bonus, efficiency penalty): all of them
+    (the paper's n_vo), less crops covering more than `max_crop_area` of their image and, unless
+    `count_failed`, calls that returned an execution error. Either pays the curiosity bonus for
+    seeing nothing new, and RL learned both: whole-image crops, then malformed calls that never
+    reach an answer (README, "Learning demonstration")."""
     return sum(1 for op in trajectory.visual_operations
-               if op.area_fraction is None or op.area_fraction <= max_crop_area + 1e-9)
+               if (op.ok or count_failed) and (op.area_fraction is None or op.area_fraction <= max_crop_area + 1e-9))
 
 
 def crop_hits(trajectory: Trajectory, gold_box: Any, image_size: tuple[int, int]) -> list[bool]:

@@ -53,6 +53,8 @@ def test_a_crop_covering_too_much_of_its_image_is_not_rewarded_as_a_visual_opera
     assert rewarded_operations(trajectory, 0.5) == 4  # up to half the image is still a zoom
     assert rewarded_operations(trajectory, 0.3) == 3
     assert rewarded_operations(_trajectory("q", whole), 0.5) == 0  # its curiosity bonus is that of no operation
+    assert rewarded_operations(trajectory, 0.5, count_failed=False) == 3  # half, cell, frames
+    assert rewarded_operations(_trajectory("q", failed, failed), count_failed=False) == 0
 
 
 def test_the_step_reports_how_much_of_the_image_its_crops_cover():
