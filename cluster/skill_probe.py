@@ -1,7 +1,9 @@
 """Teacher-forced probes of the two skills the synthetic zoom task needs, for one checkpoint:
 
 - reading: the model is shown a close-up of the square (the perception examples' prompt) and the
-  answer text up to "The square is"; its likeliest next option token is its reading;
+  answer text up to "The square is"; its likeliest next option token is its reading; also inside
+  a zoom trace, after a crop of the named cell (`reading_after_zoom`), where a warm start trained
+  on misdirected traces can answer its prior instead;
 - localization (`region_hint` tasks): the model is shown the question and the view, and a zoom
   trace up to the crop's box, then decodes the box greedily. Right if it is the box of the cell
   the question names (what the traces teach); also reported: the share of boxes that hold the
