@@ -106,8 +106,9 @@ def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int,
 
 
 def machine() -> dict:
-    """What the float32 CPU training ran on: one seed's SFT draw differs between CPUs whose torch
-    kernels differ (e.g. AVX2 vs AVX-512 rounding), so a draw is comparable only on the same kind."""
+    """What the float32 CPU training ran on. One seed gave different SFT draws in different
+    sessions; differing torch CPU kernels (AVX2 vs AVX-512 rounding) are the suspected cause (not
+    confirmed), so draws are compared only with this recorded."""
     import platform
 
     import torch
