@@ -158,9 +158,10 @@ class TrainerConfig(Section):
 
 class SkillGateConfig(Section):
     """Make the warm start's skills a checked outcome, not a draw: after each epoch (or
-    `checks_per_epoch` times in one) from `first_check_epoch` on, SFT writes the model and probes it (`cluster.skill_probe`, teacher-forced,
-    fresh examples); it stops at the first check that passes, and fails (exit code 3, the model
-    still written) if the box share overshoots `box_range` or the epochs run out. The learning
+    `checks_per_epoch` times in one) from `first_check_epoch` on, SFT writes the model and probes
+    it (`cluster.skill_probe`, teacher-forced, fresh examples); it stops at the first check that
+    passes, and fails (exit code 3, the model still written) if the box share overshoots
+    `box_range` or the epochs run out. The learning
     demonstration needs a warm start that reads close-ups and whose zooms pay little at first.
     The lr schedule still spans `sft.epochs` (the budget): a gate passed early stops mid-schedule."""
 
