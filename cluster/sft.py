@@ -234,6 +234,7 @@ def check_skills(hf_dir: Path, config: PixelRayConfig, epoch: float, step: int) 
     verdict, why = gate_verdict(result, gate.min_reading, gate.box_range)
     localization = result["localization"] or {}
     return {"epoch": epoch, "step": step, "reading": float(result["reading"]["accuracy"]),
+            "reading_after_zoom": float(result["reading_after_zoom"]["accuracy"]),  # probed anyway: kept
             **{name: float(localization[key]) for name, key in (("box", "accuracy"), ("holds_square", "holds_square"))
                if key in localization},
             "verdict": verdict, "why": why}

@@ -71,8 +71,7 @@ class SkillProbe:
             raise ValueError("the options' first tokens are not distinct; the reading probe cannot tell them apart")
         prefix = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
         confusion: dict[str, Counter] = defaultdict(Counter)
-        fractions = {"closeup_fraction": 0.0 if after_zoom else 1.0}
-        for example in self._traces(count, self_correction_fraction=0.0, **fractions):
+        for example in self._traces(count, self_correction_fraction=0.0, closeup_fraction=0.0 if after_zoom else 1.0):
             ids = example.token_ids
             end = _last_end(ids, prefix)
             log_probs = self._log_probs(ids[:end], example.images)[-1]
