@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ class Learner:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
         started = time.perf_counter()
+        self._export_idle = threading.Event()  # cleared while an export reads the parameters
+        self._export_idle.set()
         os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_SIZE="1")
         self.rank, self.world_size, self.trainer, self.temperature = rank, world_size, trainer, temperature
@@ -158,6 +161,8 @@ class Learner:
             loss, sums = micro_batch_policy_loss(logprobs, batch.old_logprobs, batch.advantages, batch.loss_mask,
                                                  self.trainer, reference)
             self.engine.backward(loss / tokens_per_rank, scale_wrt_gas=False)
+            if index == 0:  # an overlapped export may still be reading the weights this step updates
+                self._export_idle.wait()
             self.engine.step()
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -194,6 +199,8 @@ class Learner:
             logprobs = token_logprobs(logits, batch.targets)  # temperature 1: the data's distribution
             nll = -(logprobs * batch.loss_mask).sum()
             self.engine.backward(nll / tokens_per_rank, scale_wrt_gas=False)
+            if index == 0:
+                self._export_idle.wait()
             self.engine.step()
             with torch.no_grad():
                 hits = (logits[:, :-1].argmax(-1) == batch.targets).float() * batch.loss_mask
@@ -233,6 +240,14 @@ class Learner:
         with `weight_sync_format` "shm" writes it into its ring of shared-memory files.
         Tensors keep their raw bits: bf16 stays bf16.
         """
+        self._export_idle.wait()  # one export at a time (the staging buffer and shm ring are shared)
+        self._export_idle.clear()
+        try:
+            return self._export(version)
+        finally:
+            self._export_idle.set()
+
+    def _export(self, version: int | None):
         import deepspeed
 
         from actors.weight_sync import MB, ShmWriter, StagingBuffer, export_weights
@@ -258,6 +273,8 @@ class Learner:
 
     def close_weight_sync(self) -> None:
         """Delete this rank's shared-memory weight files ("shm"); called before the actor is killed."""
+        if getattr(self, "_export_idle", None) is not None:
+            self._export_idle.wait(timeout=30)  # not under an overlapped export still writing them
         if getattr(self, "_shm", None) is not None:
             self._shm.close()
             self._shm = None
@@ -271,6 +288,7 @@ class Learner:
         self.save_hf(hf_dir)
 
     def load_checkpoint(self, deepspeed_dir: str) -> None:
+        self._export_idle.wait()  # loading rewrites the weights an overlapped export may be reading
         path, _ = self.engine.load_checkpoint(deepspeed_dir, tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {deepspeed_dir}")
@@ -298,6 +316,8 @@ def learner_actor_options(trainer, placement_group=None, rank: int = 0) -> dict[
     """Ray options of learner `rank`: its CPUs / GPUs, its memcpy tuning for weight export, and, with a
     placement group, its own bundle."""
     options: dict[str, Any] = {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner}
+    if trainer.overlap_weight_export:  # the export runs in a second thread beside the next step
+        options["max_concurrency"] = 2
     copy_env = nontemporal_copy_env(trainer.nontemporal_copy_threshold_mb)
     if copy_env:  # merged by Ray over the job's environment
         options["runtime_env"] = {"env_vars": copy_env}
@@ -370,8 +390,10 @@ class LearnerGroup:
         """`updates_per_step` optimizer steps, one per mini-batch of `samples`; metrics are token
         means over all of them (grad_norm: the mean of the steps')."""
         results, tokens, grad_norms, train_s = [], 0, [], 0.0
-        for batch in mini_batches(samples, self.updates_per_step):
+        for number, batch in enumerate(mini_batches(samples, self.updates_per_step)):
             batch_results, batch_tokens = self._run_on_ranks("train_step", batch)
+            if number == 0:  # the step waited for a started export: it is done, surface its error
+                self.finish_exports()
             results += batch_results
             tokens += batch_tokens
             grad_norms.append(batch_results[0]["grad_norm"])
@@ -402,6 +424,7 @@ class LearnerGroup:
     def sft(self, samples: list[TrainSample]) -> dict[str, float]:
         """One supervised optimizer step on `samples` (split across ranks like `train`)."""
         results, tokens = self._run_on_ranks("sft_step", samples)
+        self.finish_exports()
         return {
             "loss": sum(r["nll_sum"] for r in results) / max(tokens, 1),
             "token_accuracy": sum(r["correct_tokens"] for r in results) / max(tokens, 1),
@@ -412,18 +435,38 @@ class LearnerGroup:
         }
 
     def save_hf(self, hf_dir: str) -> None:
+        self.finish_exports()
         ray.get([actor.save_hf.remote(hf_dir) for actor in self.actors])
 
     def export_weights(self, version: int | None = None):
         """The full weights, bucketed in the object store, stamped with `version` (a `WeightUpdate`
         from rank 0; pass it to `RolloutWorker.update_weights`)."""
+        self.finish_exports()
         updates = ray.get([actor.export_weights.remote(version) for actor in self.actors])
         return updates[0]
 
+    def start_export(self, version: int | None = None):
+        """Start exporting the weights and return at once: the future of rank 0's `WeightUpdate`
+        (Ray resolves it before a `update_weights` call that takes it runs). Needs
+        `trainer.overlap_weight_export` (learners with a second thread), else the next step would
+        queue behind the export anyway. The next `train` starts at once and waits for the export
+        only before its first optimizer update."""
+        if not self.trainer.overlap_weight_export:
+            raise ValueError("start_export needs trainer.overlap_weight_export")
+        self._exports = [actor.export_weights.remote(version) for actor in self.actors]
+        return self._exports[0]
+
+    def finish_exports(self) -> None:
+        """Wait for a started export on every rank (raises its error, if it failed)."""
+        exports, self._exports = getattr(self, "_exports", []), []
+        ray.get(exports)
+
     def save_checkpoint(self, deepspeed_dir: str, hf_dir: str) -> None:
+        self.finish_exports()
         ray.get([actor.save_checkpoint.remote(deepspeed_dir, hf_dir) for actor in self.actors])
 
     def load_checkpoint(self, deepspeed_dir: str) -> None:
+        self.finish_exports()
         ray.get([actor.load_checkpoint.remote(deepspeed_dir) for actor in self.actors])
 
     def shutdown(self) -> None:

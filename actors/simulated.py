@@ -44,6 +44,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -395,9 +396,12 @@ class SimulatedRolloutWorker:
         return []
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # an overlapped export runs beside the next train_step, as in Learner
 class SimulatedLearner:
-    """Same methods as `actors.learner.Learner`; `train_step` sleeps by the time model."""
+    """Same methods as `actors.learner.Learner`; `train_step` sleeps by the time model. An export
+    overlapped with the next step (`trainer.overlap_weight_export`) is modelled as free to overlap
+    (read-only copies; on a GPU they would share memory bandwidth with the step) and its optimizer
+    update as instantaneous at the end of the step, where the step waits for the export."""
 
     def rendezvous(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), 0
@@ -408,6 +412,8 @@ class SimulatedLearner:
         self.rank, self.world_size, self.trainer = rank, world_size, trainer
         self.simulation = simulation or SimulationConfig()
         self.steps = 0
+        self._export_idle = threading.Event()
+        self._export_idle.set()
         return {"rank": rank, "setup_s": 0.0, "backend": "simulated"}
 
     def train_step(self, samples: list, filler, global_tokens: int) -> dict:
@@ -416,6 +422,7 @@ class SimulatedLearner:
         trainable = float(sum(sum(s.loss_mask) for s in samples))
         advantage_sum = float(sum(s.advantage * sum(s.loss_mask) for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
+        self._export_idle.wait()  # the optimizer update writes the weights an export may be reading
         self.steps += 1
         totals = {
             "policy_loss_sum": -advantage_sum, "loss_sum": -advantage_sum, "tokens": trainable,
@@ -433,6 +440,7 @@ class SimulatedLearner:
         tokens = sum(len(s.token_ids) for s in samples)
         trainable = float(sum(sum(s.loss_mask) for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
+        self._export_idle.wait()
         self.steps += 1
         return {"nll_sum": 0.0, "tokens": trainable, "correct_tokens": 0.0, "grad_norm": 0.0,
                 "lr": float(self.trainer.lr), "train_s": time.perf_counter() - started}
@@ -444,9 +452,14 @@ class SimulatedLearner:
         started = time.perf_counter()
         if self.rank != 0:
             return None
-        bucket = ray.put(np.full(1024, self.steps % 256, dtype=np.uint8))
+        self._export_idle.wait()
+        self._export_idle.clear()
+        try:
+            bucket = ray.put(np.full(1024, self.steps % 256, dtype=np.uint8))  # the weights of now
+            _sleep_until(started + self.simulation.export_s)
+        finally:
+            self._export_idle.set()
         layout = (TensorLayout("simulated.weight", "uint8", (1024,), 0, 1024),)
-        _sleep_until(started + self.simulation.export_s)
         return WeightUpdate(version=version, buckets=[bucket], layouts=[layout], bucket_bytes=1024,
                             export_s=time.perf_counter() - started)
 
@@ -512,6 +525,12 @@ class SimulatedLearnerGroup:
 
     def export_weights(self, version: int | None = None):
         return _learner_group().export_weights(self, version)
+
+    def start_export(self, version: int | None = None):
+        return _learner_group().start_export(self, version)
+
+    def finish_exports(self) -> None:
+        return _learner_group().finish_exports(self)
 
     def save_checkpoint(self, deepspeed_dir: str, hf_dir: str) -> None:
         return _learner_group().save_checkpoint(self, deepspeed_dir, hf_dir)

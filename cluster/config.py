@@ -133,6 +133,13 @@ class TrainerConfig(Section):
     weight_sync_format: Literal["flat", "direct", "shm"] = "direct"
     weight_sync_shm_dir: str = "/dev/shm"
     weight_sync_shm_slots: int = Field(default=2, ge=1)
+    # Export the new weights in the background: the learners start the next step while rank 0 packs
+    # and publishes (the export only reads the parameters; a step waits for it before its first
+    # optimizer update, which writes them), and the driver hands the export's future to the engines
+    # instead of waiting for it. Takes the export off the serial learner stage of an asynchronous
+    # run (benchmarks/pipeline.py, part b). ZeRO-3 cannot: its export gathers are collectives that
+    # would interleave with the training step's. Each learner actor then runs two threads.
+    overlap_weight_export: bool = False
     # Learner processes run memcpy with non-temporal stores from this size up (glibc tunable, x86;
     # actors.weight_sync.nontemporal_copy_env says why): the export's copies then run at memcpy speed
     # on VMs whose reported L3 is huge. None keeps glibc's own threshold.
@@ -153,6 +160,9 @@ class TrainerConfig(Section):
     def _placeable(self) -> "TrainerConfig":
         if self.placement_strategy and not (self.num_cpus_per_learner or self.num_gpus_per_learner):
             raise ValueError("placement_strategy needs num_cpus_per_learner or num_gpus_per_learner > 0")
+        if self.overlap_weight_export and self.zero_stage == 3:
+            raise ValueError("overlap_weight_export needs zero_stage <= 2 (ZeRO-3's export gathers are collectives "
+                             "that cannot run beside a training step)")
         return self
 
 
@@ -254,12 +264,15 @@ class PixelRayConfig(Section):
             raise ValueError(f"sft.skill_gate.first_check_epoch ({gate.first_check_epoch}) is after the last "
                              f"epoch (sft.epochs={self.sft.epochs})")
         trainer = self.trainer
+        # with max_staleness k an engine may still have k published updates queued when the next
+        # export rewrites the oldest slot, one more with the export overlapped (it starts a step's
+        # export time earlier); simulated learners publish no files
+        slots_needed = self.max_staleness + 1 + int(trainer.overlap_weight_export)
         if (self.rollout.engine == "vllm" and trainer.weight_sync_format == "shm"
-                and trainer.weight_sync_shm_slots < self.max_staleness + 1):
-            # with max_staleness k an engine may still have k published updates queued when the next
-            # export rewrites the oldest slot (simulated learners publish no files)
+                and trainer.weight_sync_shm_slots < slots_needed):
             raise ValueError(f"trainer.weight_sync_shm_slots ({trainer.weight_sync_shm_slots}) must be >= "
-                             f"max_staleness + 1 ({self.max_staleness + 1}) with weight_sync_format=shm")
+                             f"max_staleness + 1{' + 1 (overlap_weight_export)' if trainer.overlap_weight_export else ''}"
+                             f" ({slots_needed}) with weight_sync_format=shm")
         return self
 
     def required_resources(self) -> dict[str, float]:

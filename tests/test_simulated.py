@@ -141,17 +141,20 @@ def _records(folder, count):
 
 
 @pytest.mark.integration
-def test_pipeline_with_simulated_engines_bounds_staleness_and_keeps_every_prompt(ray_cluster, tmp_path):
+@pytest.mark.parametrize("overlap_export", [False, True])
+def test_pipeline_with_simulated_engines_bounds_staleness_and_keeps_every_prompt(ray_cluster, tmp_path, overlap_export):
+    """Also with the export overlapped (the engines' updates take its future): the same bounds."""
     from cluster.config import PixelRayConfig
     from cluster.pipeline import PromptStream, RLPipeline
 
     config = PixelRayConfig.model_validate({
         "prompts_per_step": 3,
         "rollout": {"engine": "simulated", "num_workers": 2, "num_cpus": 0, "group_size": 4, "max_tool_calls": 2},
-        "trainer": {"num_cpus_per_learner": 0, "num_learners": 2, "drop_zero_variance_groups": False},
+        "trainer": {"num_cpus_per_learner": 0, "num_learners": 2, "drop_zero_variance_groups": False,
+                    "overlap_weight_export": overlap_export},
         "reward": {"num_cpus": 0},
         "simulation": {"median_tokens_per_turn": 16, "decode_s_per_token": 0.002, "train_s_per_step": 0.05,
-                       "weight_load_s": 0.01},
+                       "weight_load_s": 0.01, "export_s": 0.05},
     })
     records = _records(tmp_path, 6)
     pipeline = RLPipeline(config, "unused", records)

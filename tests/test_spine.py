@@ -163,6 +163,50 @@ def test_zero3_learner_pair_gathers_and_pushes_weights_the_engine_serves(pipelin
         pipeline._wait_for_weight_updates()
 
 
+def test_overlapped_export_publishes_the_weights_of_its_version_while_the_next_step_trains(
+        pipeline, tiny_model_dir, monkeypatch):
+    """trainer.overlap_weight_export: an export started before the next step (which runs beside it
+    in the learner's second thread) carries exactly the weights a plain export of that version
+    does, not a mix with the next step's update; the step after it still changes the weights.
+    The export is slowed down (it starts reading 2 s late) so that, without the step waiting for
+    it before its optimizer update, it would read updated weights: the test can fail."""
+    import time
+
+    import ray
+    from PIL import Image
+
+    from actors import learner as learner_module
+    from actors.learner import LearnerGroup
+    from actors.rollout import PromptTask
+    from policies.batching import TrainSample
+
+    class SlowExportLearner(learner_module.Learner.__ray_actor_class__):
+        def _export(self, version):
+            time.sleep(2.0)
+            return super()._export(version)
+
+    monkeypatch.setattr(learner_module, "Learner", ray.remote(SlowExportLearner))
+    trainer = pipeline.config.trainer.model_copy(update={"overlap_weight_export": True, "num_cpus_per_learner": 0.5})
+    group = LearnerGroup(tiny_model_dir, trainer, 1.0, "cpu", samples_per_step=2)
+    try:
+        image = np.asarray(Image.open(pipeline.prompts.records[3].media_paths[0]).convert("RGB"))
+        task = PromptTask("overlap", "What is the colour of the small square?", ray.put(image), ("red",))
+        trajectories, _ = ray.get(pipeline.workers[0].rollout.remote([task], 2))
+        samples = [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, t.images, adv)
+                   for t, adv in zip(trajectories, (1.0, -1.0))]
+        group.train(samples)
+        plain = group.export_weights(1).state_dict()
+        started = group.start_export(1)  # returns at once: a future
+        group.train(samples)  # starts beside the export, updates the weights once it is done
+        overlapped = ray.get(started).state_dict()
+        after = group.export_weights(2).state_dict()
+    finally:
+        group.shutdown()
+    assert overlapped.keys() == plain.keys()
+    assert all(torch.equal(overlapped[name], plain[name]) for name in plain)
+    assert any(not torch.equal(after[name], plain[name]) for name in plain)
+
+
 def test_learner_with_importance_cap_and_kl_reports_them(pipeline, tiny_model_dir):
     import ray
     from PIL import Image

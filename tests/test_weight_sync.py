@@ -400,6 +400,12 @@ def test_config_allows_shm_and_checks_its_ring_against_staleness():
     assert load_config(None, [shm, "max_staleness=2", "trainer.weight_sync_shm_slots=3"]).max_staleness == 2
     assert load_config(None, ["max_staleness=2"]).max_staleness == 2
     assert load_config(None, [shm, "max_staleness=4", "rollout.engine=simulated"]).max_staleness == 4
+    overlap = "trainer.overlap_weight_export=true"  # its export starts a step earlier: one more slot
+    with pytest.raises((ConfigError, ValueError), match=r"weight_sync_shm_slots \(2\) must be >= .*overlap"):
+        load_config(None, [shm, overlap, "max_staleness=1"])
+    assert load_config(None, [shm, overlap, "max_staleness=1", "trainer.weight_sync_shm_slots=3"]).max_staleness == 1
+    with pytest.raises((ConfigError, ValueError), match="overlap_weight_export needs zero_stage <= 2"):
+        load_config(None, [overlap, "trainer.zero_stage=3"])
     with pytest.raises((ConfigError, ValueError)):
         load_config(None, ["trainer.weight_sync_format=pickle"])
 
