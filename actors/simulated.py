@@ -168,6 +168,7 @@ class SimulatedRolloutWorker:
         # the order of calls and updates (cluster/pipeline.py): calls below `_calls_done` all returned
         self._calls_done, self._finished_calls = 0, set()
         self._order_changed: asyncio.Condition | None = None
+        self._loading: asyncio.Lock | None = None
         self._engine_clock: ContinuousBatchClock | None = None
         self._zero_cost = not (simulation.prefill_s_per_request or simulation.decode_s_per_token or simulation.tool_s)
         self._tool_counts: Counter[str] = Counter()
@@ -357,16 +358,22 @@ class SimulatedRolloutWorker:
         if after_calls is not None and self._calls_done < after_calls:
             async with self._order():
                 await self._order_changed.wait_for(lambda: self._calls_done >= after_calls)
-        started = time.perf_counter()
-        update = accept_update(update, version, self.policy_version, logger)
-        await asyncio.gather(*update.buckets)
-        fetch_s = time.perf_counter() - started
-        remaining = started + self.simulation.weight_load_s - time.perf_counter()
-        if remaining > 0:
-            await asyncio.sleep(remaining)  # nothing generates meanwhile: earlier calls are done, later ones wait
-        async with self._order():
-            self.policy_version = update.version
-            self._order_changed.notify_all()
+        if self._loading is None:  # created in the actor's event loop
+            self._loading = asyncio.Lock()
+        # One load at a time, in arrival order: two updates released by the same finished call must
+        # not load side by side, where the older one could finish last and take the version back
+        # (rollouts stamped with the newer version would then wait for it forever).
+        async with self._loading:
+            started = time.perf_counter()
+            update = accept_update(update, version, self.policy_version, logger)
+            await asyncio.gather(*update.buckets)
+            fetch_s = time.perf_counter() - started
+            remaining = started + self.simulation.weight_load_s - time.perf_counter()
+            if remaining > 0:
+                await asyncio.sleep(remaining)  # nothing generates meanwhile: earlier calls are done, later ones wait
+            async with self._order():
+                self.policy_version = max(self.policy_version, update.version)  # never back (see accept_update)
+                self._order_changed.notify_all()
         load_s = time.perf_counter() - started
         return {"tensors": update.num_tensors, "fetch_s": fetch_s, "reload_s": load_s - fetch_s,
                 "bytes": update.nbytes, "buckets": len(update.buckets), "load_s": load_s,

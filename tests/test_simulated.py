@@ -293,3 +293,46 @@ def test_a_simulated_update_waits_for_earlier_calls_and_later_calls_wait_for_it(
     finally:
         ray.kill(worker)
         ray.kill(learner)
+
+
+@pytest.mark.integration
+def test_two_simulated_updates_released_together_load_in_order_and_never_take_the_version_back(ray_cluster, tmp_path):
+    """Two updates waiting for the same call: the older one's weights arrive late. They load one
+    after the other, so the engine ends on the newer version (loaded side by side, the older one
+    finished last and set the version back: a rollout needing the newer version waited forever)."""
+    import dataclasses
+    import time
+
+    import ray
+
+    from actors.rollout import PromptTask
+    from actors.simulated import SimulatedLearner, SimulatedRolloutWorker
+    from cluster.config import PixelRayConfig
+    from cluster.pipeline import load_image_array
+
+    @ray.remote(num_cpus=0)
+    def late_bucket():
+        time.sleep(1.0)
+        return np.zeros(1024, dtype=np.uint8)
+
+    config = PixelRayConfig()
+    simulation = SimulationConfig(median_tokens_per_turn=20, decode_s_per_token=0.005, weight_load_s=0.05)
+    worker = SimulatedRolloutWorker.options(num_cpus=0).remote("unused", config.rollout, config.tools, "float32", 0,
+                                                               simulation)
+    learner = SimulatedLearner.options(num_cpus=0).remote()
+    ray.get(learner.setup.remote("unused", config.trainer, 1.0, "cpu", 0, 1, ("", 0), 1, None, simulation))
+    exported = ray.get(learner.export_weights.remote(1))
+    older = dataclasses.replace(exported, version=1, buckets=[late_bucket.remote()])
+    newer = dataclasses.replace(exported, version=2)
+    tasks = [PromptTask(r.qid, r.question, ray.put(load_image_array(r.media_paths[0])), r.answers)
+             for r in _records(tmp_path, 1)]
+    try:
+        first = worker.rollout.remote(tasks, 4, 1, call_index=0, min_version=0)
+        updates = [worker.update_weights.remote(older, after_calls=1), worker.update_weights.remote(newer, after_calls=1)]
+        ray.get(first)
+        assert [report["policy_version"] for report in ray.get(updates)] == [1, 2]
+        later = worker.rollout.remote(tasks, 4, 2, call_index=1, min_version=2)
+        assert {t.policy_version for t in ray.get(later, timeout=60)[0]} == {2}
+    finally:
+        ray.kill(worker)
+        ray.kill(learner)
