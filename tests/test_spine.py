@@ -163,6 +163,22 @@ def test_zero3_learner_pair_gathers_and_pushes_weights_the_engine_serves(pipelin
         pipeline._wait_for_weight_updates()
 
 
+def _two_samples(pipeline, record: int, qid: str) -> list:
+    """Two trajectories of a training record from the pipeline's engine, as samples with
+    advantages +1 and -1 (a step that moves the weights)."""
+    import ray
+    from PIL import Image
+
+    from actors.rollout import PromptTask
+    from policies.batching import TrainSample
+
+    image = np.asarray(Image.open(pipeline.prompts.records[record].media_paths[0]).convert("RGB"))
+    task = PromptTask(qid, "What is the colour of the small square?", ray.put(image), ("red",))
+    trajectories, _ = ray.get(pipeline.workers[0].rollout.remote([task], 2))
+    return [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, t.images, adv)
+            for t, adv in zip(trajectories, (1.0, -1.0))]
+
+
 def test_overlapped_export_publishes_the_weights_of_its_version_while_the_next_step_trains(
         pipeline, tiny_model_dir, monkeypatch):
     """trainer.overlap_weight_export: an export started before the next step (which runs beside it
@@ -173,12 +189,9 @@ def test_overlapped_export_publishes_the_weights_of_its_version_while_the_next_s
     import time
 
     import ray
-    from PIL import Image
 
     from actors import learner as learner_module
     from actors.learner import LearnerGroup
-    from actors.rollout import PromptTask
-    from policies.batching import TrainSample
 
     class SlowExportLearner(learner_module.Learner.__ray_actor_class__):
         def _export(self, version):
@@ -189,11 +202,7 @@ def test_overlapped_export_publishes_the_weights_of_its_version_while_the_next_s
     trainer = pipeline.config.trainer.model_copy(update={"overlap_weight_export": True, "num_cpus_per_learner": 0.5})
     group = LearnerGroup(tiny_model_dir, trainer, 1.0, "cpu", samples_per_step=2)
     try:
-        image = np.asarray(Image.open(pipeline.prompts.records[3].media_paths[0]).convert("RGB"))
-        task = PromptTask("overlap", "What is the colour of the small square?", ray.put(image), ("red",))
-        trajectories, _ = ray.get(pipeline.workers[0].rollout.remote([task], 2))
-        samples = [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, t.images, adv)
-                   for t, adv in zip(trajectories, (1.0, -1.0))]
+        samples = _two_samples(pipeline, 3, "overlap")
         group.train(samples)
         plain = group.export_weights(1).state_dict()
         started = group.start_export(1)  # returns at once: a future
@@ -208,21 +217,12 @@ def test_overlapped_export_publishes_the_weights_of_its_version_while_the_next_s
 
 
 def test_learner_with_importance_cap_and_kl_reports_them(pipeline, tiny_model_dir):
-    import ray
-    from PIL import Image
-
     from actors.learner import LearnerGroup
-    from actors.rollout import PromptTask
-    from policies.batching import TrainSample
 
     trainer = pipeline.config.trainer.model_copy(update={"importance_cap": 2.0, "kl_coef": 0.1, "num_cpus_per_learner": 0.5})
     group = LearnerGroup(tiny_model_dir, trainer, 1.0, "cpu", samples_per_step=2)
     try:
-        image = np.asarray(Image.open(pipeline.prompts.records[2].media_paths[0]).convert("RGB"))
-        task = PromptTask("kl", "What is the colour of the small square?", ray.put(image), ("red",))
-        trajectories, _ = ray.get(pipeline.workers[0].rollout.remote([task], 2))
-        samples = [TrainSample(t.token_ids, t.loss_mask, t.behaviour_logprobs, t.images, adv)
-                   for t, adv in zip(trajectories, (1.0, -1.0))]
+        samples = _two_samples(pipeline, 2, "kl")
         first = group.train(samples)
         second = group.train(samples)
         assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the learner starts at the reference
