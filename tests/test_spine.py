@@ -233,17 +233,23 @@ def test_learner_with_importance_cap_and_kl_reports_them(pipeline, tiny_model_di
         group.shutdown()
 
 
-def test_async_mode_bounds_staleness(pipeline):
-    """max_staleness 1: the next batch generates while a step trains; no sample is older than 1."""
+@pytest.mark.parametrize("overlap_export", [False, True])
+def test_async_mode_bounds_staleness(pipeline, overlap_export):
+    """max_staleness 1: the next batch generates while a step trains; no sample is older than 1.
+    With the export overlapped, the vLLM worker's update takes the export's future: Ray runs it
+    in order anyway (a synchronous actor), so the batches sent after it see the new version."""
     pipeline.config.max_staleness = 1
     pipeline.config.trainer.drop_zero_variance_groups = False  # train every step: versions advance
+    pipeline.config.trainer.overlap_weight_export = overlap_export  # (the fixture's learner: one thread)
+    first = 10 + 3 * overlap_export
     try:
         start_version = pipeline.policy_version
-        results = list(pipeline.run(10, 13))
+        results = list(pipeline.run(first, first + 3))
     finally:
         pipeline.config.max_staleness = 0
         pipeline.config.trainer.drop_zero_variance_groups = True
-    assert [r.step for r in results] == [10, 11, 12]
+        pipeline.config.trainer.overlap_weight_export = False
+    assert [r.step for r in results] == [first, first + 1, first + 2]
     assert pipeline.policy_version == start_version + 3
     staleness = [r.metrics["rollout/staleness_max"] for r in results]
     assert max(staleness) <= 1
