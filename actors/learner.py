@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -372,26 +373,45 @@ class LearnerGroup:
 
     def _run_on_ranks(self, method: str, samples: list[TrainSample]) -> tuple[list[dict], int]:
         """Split `samples` across ranks and run one optimizer step (`train_step` or `sft_step`)."""
+        return self._call_ranks(method, self._split(samples))
+
+    def _split(self, samples: list[TrainSample]) -> tuple[list[list[TrainSample]], TrainSample, int]:
+        """One optimizer step's samples as (share per rank, zero-weight filler, global loss tokens)."""
         if not samples:
-            raise ValueError(f"{method} needs at least one sample")
+            raise ValueError("a learner step needs at least one sample")
         world = len(self.actors)
         capacity = self.gradient_accumulation_steps * self.trainer.micro_batch_size
         shares = [samples[rank::world] for rank in range(world)]
         if max(len(s) for s in shares) > capacity:
             raise ValueError(f"{len(samples)} samples exceed {world} ranks x {capacity} per step")
-        filler = _zero_weight_copy(samples[0])
-        global_tokens = sum(sum(s.loss_mask) for s in samples)
+        return shares, _zero_weight_copy(samples[0]), sum(sum(s.loss_mask) for s in samples)
+
+    def _call_ranks(self, method: str, split) -> tuple[list[dict], int]:
+        shares, filler, global_tokens = split
         results = ray.get([
             getattr(actor, method).remote(share, filler, global_tokens) for actor, share in zip(self.actors, shares)
         ])
         return results, sum(r["tokens"] for r in results)
 
-    def train(self, samples: list[TrainSample]) -> dict[str, float]:
-        """`updates_per_step` optimizer steps, one per mini-batch of `samples`; metrics are token
-        means over all of them (grad_norm: the mean of the steps')."""
+    def stage(self, samples: list[TrainSample]) -> "StagedBatch":
+        """`train`'s input prepared ahead: split into its mini-batches and rank shares, each put in
+        the object store once. The pipeline stages the next step's samples while the learners
+        train the current one, so the serial learner stage does not pay for pickling them."""
+        steps = []
+        for batch in mini_batches(samples, self.updates_per_step):
+            shares, filler, global_tokens = self._split(batch)
+            steps.append(([ray.put(share) for share in shares], ray.put(filler), global_tokens))
+        return StagedBatch(steps, len(samples))
+
+    def train(self, samples: "list[TrainSample] | StagedBatch") -> dict[str, float]:
+        """`updates_per_step` optimizer steps, one per mini-batch of `samples` (or of the staged
+        batch); metrics are token means over all of them (grad_norm: the mean of the steps')."""
+        if not isinstance(samples, StagedBatch):
+            samples = StagedBatch([self._split(batch) for batch in mini_batches(samples, self.updates_per_step)],
+                                  len(samples))
         results, tokens, grad_norms, train_s = [], 0, [], 0.0
-        for number, batch in enumerate(mini_batches(samples, self.updates_per_step)):
-            batch_results, batch_tokens = self._run_on_ranks("train_step", batch)
+        for number, split in enumerate(samples.steps):
+            batch_results, batch_tokens = self._call_ranks("train_step", split)
             if number == 0:  # the step waited for a started export: it is done, surface its error
                 self.finish_exports()
             results += batch_results
@@ -481,6 +501,18 @@ class LearnerGroup:
 
             remove_placement_group(self.placement_group)
             self.placement_group = None
+
+
+@dataclass
+class StagedBatch:
+    """`LearnerGroup.stage`'s output: per optimizer step, (object-store reference of each rank's
+    share, of the zero-weight filler, global loss tokens); `size`: the samples in all of them."""
+
+    steps: list[tuple[list, Any, int]]
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def _zero_weight_copy(sample: TrainSample) -> TrainSample:

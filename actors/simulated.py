@@ -521,7 +521,16 @@ class SimulatedLearnerGroup:
     def _run_on_ranks(self, method: str, samples: list):
         return _learner_group()._run_on_ranks(self, method, samples)
 
-    def train(self, samples: list) -> dict[str, float]:
+    def _split(self, samples: list):
+        return _learner_group()._split(self, samples)
+
+    def _call_ranks(self, method: str, split):
+        return _learner_group()._call_ranks(self, method, split)
+
+    def stage(self, samples: list):
+        return _learner_group().stage(self, samples)
+
+    def train(self, samples) -> dict[str, float]:
         return _learner_group().train(self, samples)
 
     def sft(self, samples: list) -> dict[str, float]:

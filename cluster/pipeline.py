@@ -114,6 +114,7 @@ class PreparedBatch:
     kept_groups: int
     rollout_metrics: dict
     timings: dict
+    staged: object = None  # the samples staged for the learners (LearnerGroup.stage), if they were
 
 
 class MediaRefCache:
@@ -333,8 +334,11 @@ class RLPipeline:
                                            trajectory.behaviour_logprobs, trajectory.images, advantage))
         rollout_metrics = _rollout_metrics(trajectories, groups, generation)
         rollout_metrics.update(_crop_hit_metrics(trajectories, records, self.media.sizes))
+        # staged for the learners here, off their serial path when `run` overlaps this with training
+        # (not with replay: `_train` adds replayed samples, in step order)
+        staged = self.learners.stage(samples) if samples and self.replay is None else None
         timings["time/step_s"] = time.perf_counter() - started
-        return PreparedBatch(batch, trajectories, samples, kept_groups, rollout_metrics, timings)
+        return PreparedBatch(batch, trajectories, samples, kept_groups, rollout_metrics, timings, staged)
 
     def _train(self, prepared: PreparedBatch) -> StepResult:
         """Check staleness, fill from replay, train, publish the new weights; the step's result."""
@@ -357,7 +361,7 @@ class RLPipeline:
         begun = time.perf_counter()
         train_metrics: dict[str, float] = {}
         if samples:
-            train_metrics = self.learners.train(samples)
+            train_metrics = self.learners.train(prepared.staged if self.replay is None else samples)
         timings["time/train_s"] = time.perf_counter() - begun
 
         begun = time.perf_counter()
