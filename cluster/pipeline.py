@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 import ray
 
-from actors.learner import LearnerGroup
+from actors.learner import LearnerGroup, StagedBatch
 from actors.reward import RewardActor
 from actors.rollout import PromptTask, RolloutWorker
 from cluster.config import PixelRayConfig
@@ -114,7 +114,7 @@ class PreparedBatch:
     kept_groups: int
     rollout_metrics: dict
     timings: dict
-    staged: object = None  # the samples staged for the learners (LearnerGroup.stage), if they were
+    staged: StagedBatch | None = None  # the samples staged for the learners (LearnerGroup.stage), if they were
 
 
 class MediaRefCache:
