@@ -379,6 +379,8 @@ def many_engines(args) -> list[dict]:
     startup = time.perf_counter() - started
     print(f"(b) {args.engines} simulated engines up in {startup:.1f} s", flush=True)
     sim = SimulationConfig(**model)
+    long_run = 4 * args.b_steps  # the fill of the first k steps weighs less in a longer run
+    long_run_sync = ideal_wall(sim, args.engines, 4, long_run, 0)
     rows = []
     try:
         step = 0
@@ -415,9 +417,8 @@ def many_engines(args) -> list[dict]:
                 "steady_state_bound": steady_state_bound(sim, args.engines, 4, overlap_export=overlap),
                 "engine_startup_s": startup,
             })
-            long_run = 4 * args.b_steps  # the fill of the first k steps weighs less in a longer run
-            rows[-1].update(long_run_steps=long_run, ideal_speedup_long_run=ideal_wall(
-                sim, args.engines, 4, long_run, 0) / ideal_wall(sim, args.engines, 4, long_run, k, overlap_export=overlap))
+            rows[-1].update(long_run_steps=long_run, ideal_speedup_long_run=long_run_sync / ideal_wall(
+                sim, args.engines, 4, long_run, k, overlap_export=overlap))
             add_speedups(rows)
             print(_format_row(rows[-1]), flush=True)
     finally:

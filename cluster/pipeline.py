@@ -361,7 +361,7 @@ class RLPipeline:
         begun = time.perf_counter()
         train_metrics: dict[str, float] = {}
         if samples:
-            train_metrics = self.learners.train(prepared.staged if self.replay is None else samples)
+            train_metrics = self.learners.train(prepared.staged if prepared.staged is not None else samples)
         timings["time/train_s"] = time.perf_counter() - begun
 
         begun = time.perf_counter()
