@@ -48,14 +48,12 @@ object store, owned by the caller, so they outlive the executor that made them. 
 them to the sources and later calls get them by reference: a crop's pixels never travel back to the
 rollout worker at all.
 
-Measured (`benchmarks/tools.py`, 2 shared cores at load average 8-13, CPU of every Ray process
-counted): per core, the pool reaches 0.74-0.76x of in-process throughput on crops of a 2560x1600
-photo (was 0.41x with a task and two store objects per call) and 0.84-0.87x on select_frames of a
-16 s 768x576 video (was 0.77x). A crop is ~10 ms of work; the pool adds ~3.2 ms: ~1.5 in the
-executor (copying the 3 MB view into the object store, Ray's task handling), ~1.1 in the caller
-(copying it out, Ray), ~0.5 in the raylet, ~0.3 in Ray's idle daemons. Below the 0.8 goal for
-crops: the two copies of the view through the object store (~1 ms, plus page faults on fresh store
-memory) and Ray's per-task and background costs (~2 ms) exceed the ~2.5 ms a 10 ms crop allows.
+Measured (`benchmarks/tools.py`, 2 cores, CPU of every Ray process counted): per core, the pool
+reaches 0.74-0.80x of in-process throughput on crops of a 2560x1600 photo where a crop is ~10 ms
+of work (was 0.41x with a task and two store objects per call), 0.82-0.85x where it is 15-18 ms;
+0.84-0.98x on select_frames of a 16 s 768x576 video. The pool adds ~3 ms a crop: two crops at
+once (one per core) cost ~1.5 ms more each than one alone, in-process too; the caller's side
+(Ray's gets, copying each view out of the store) 1-1.6 ms; the raylet and Ray's daemons ~0.5 ms.
 """
 from __future__ import annotations
 

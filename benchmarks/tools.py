@@ -33,6 +33,13 @@ At load average 1-2 (2026-11-23, 6 runs): crop_image 0.77-0.79 (in-process 9.9-1
 `--calls-per-task 16` gave 0.77-0.82 (noise-level); a glibc non-temporal memcpy threshold (what
 helps weight sync) changed nothing. The executor's ~1.2 ms over in-process: ~0.4 ms to export and
 copy a 0.64 MP view out of band (measured alone), the rest Ray's task handling.
+2026-11-24 (AVX2 EPYC, slower: a crop is 16-18 ms in-process), 3 runs at load average 0.6-2.5:
+crop_image 0.82-0.85, select_frames 0.92-0.97. Against in-process on 2 threads (the context
+column), crop_image 0.91-0.92: a crop costs 1.2-1.9 ms more CPU when two run at once on the two
+cores, in-process or in the executors alike (likely the cores' shared cache and memory bandwidth:
+resampling is 82% of an executor's CPU under perf). The executors' CPU per crop (17.0-19.1 ms)
+matched in-process on 2 threads (17.6-19.3); the rest of the pool's cost is the caller (1.3-1.6 ms:
+Ray's gets, copying each view out of the store) and Ray's daemons (0.3-0.7 ms).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -184,9 +192,16 @@ class ClusterCpu:
         return used
 
 
-def measure_in_process(turns: list[str], sources: list, budgets: PixelBudgets) -> Measurement:
+def measure_in_process(turns: list[str], sources: list, budgets: PixelBudgets, threads: int = 1) -> Measurement:
+    """`threads` > 1: the calls spread over a thread pool (PIL's resampling and decord's decoding
+    release the GIL), so the cores share caches and memory bandwidth as the pool's executors do.
+    CPU time is the whole process's, every thread's."""
     started_cpu, started = time.process_time(), time.perf_counter()
-    observations = [run_turn(turn, sources, budgets) for turn in turns]
+    if threads == 1:
+        observations = [run_turn(turn, sources, budgets) for turn in turns]
+    else:
+        with ThreadPoolExecutor(threads) as workers:
+            observations = list(workers.map(lambda turn: run_turn(turn, sources, budgets), turns))
     wall, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     _check(observations)
     return Measurement(len(turns), wall, cpu, {"process": cpu})
@@ -253,11 +268,12 @@ def run(args: argparse.Namespace) -> dict:
             # Warm-up: imports, decoders, page cache, Ray's worker leases and object transfer paths.
             measure_in_process(turns[: max(4, len(turns) // 4)], sources, budgets)
             measure_pool(pool, requests, cpu)
-            in_process_runs, pool_runs = [], []
-            for _ in range(args.repeats):  # interleaved, so both sides see the same machine load
+            in_process_runs, parallel_runs, pool_runs = [], [], []
+            for _ in range(args.repeats):  # interleaved, so every side sees the same machine load
                 in_process_runs.append(measure_in_process(turns, sources, budgets))
+                parallel_runs.append(measure_in_process(turns, sources, budgets, threads=args.pool_size))
                 pool_runs.append(measure_pool(pool, requests, cpu))
-            results[name] = (median_measurement(in_process_runs), median_measurement(pool_runs))
+            results[name] = tuple(median_measurement(runs) for runs in (in_process_runs, parallel_runs, pool_runs))
         pool_stats = dict(pool.stats(), calls_per_task=config.calls_per_task,
                           max_in_flight_per_executor=config.max_in_flight_per_executor)
         pool.shutdown()
@@ -268,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _report(args: argparse.Namespace, results: dict, pool_stats: dict, load: tuple[float, float]) -> dict:
     rows = []
-    for name, (local, pooled) in results.items():
+    for name, (local, parallel, pooled) in results.items():
         ratio = pooled.calls_per_cpu_s / local.calls_per_cpu_s
         rows.append(dict(
             operation=name, calls=local.calls,
@@ -280,23 +296,35 @@ def _report(args: argparse.Namespace, results: dict, pool_stats: dict, load: tup
             pool_cpu_ms_per_call_total=1000 * pooled.cpu_s / pooled.calls,
             pool_cpu_ms_per_call={k: 1000 * v / pooled.calls for k, v in sorted(pooled.cpu_breakdown_s.items())},
             ratio_per_core=ratio, goal_met=ratio >= 0.8,
-            in_process_run=asdict(local), pool_run=asdict(pooled),
+            # Context, not the goal: the same calls in-process on as many threads as the pool has
+            # executors, so the in-process side pays the cores' sharing of caches and memory too.
+            in_process_threads=args.pool_size,
+            in_process_parallel_calls_per_s=parallel.calls_per_s,
+            in_process_parallel_calls_per_core_s=parallel.calls_per_cpu_s,
+            in_process_parallel_cpu_ms_per_call=1000 * parallel.cpu_s / parallel.calls,
+            ratio_per_core_vs_parallel=pooled.calls_per_cpu_s / parallel.calls_per_cpu_s,
+            in_process_run=asdict(local), in_process_parallel_run=asdict(parallel), pool_run=asdict(pooled),
         ))
     header = (f"{'operation':<14} {'calls':>5} | {'in-proc/s':>9} {'cores':>5} {'/core':>7} | "
-              f"{'pool/s':>7} {'cores':>5} {'/core':>7} | {'ratio/core':>10}  goal>=0.8")
+              f"{'pool/s':>7} {'cores':>5} {'/core':>7} | {'ratio/core':>10}  goal>=0.8 | "
+              f"{f'{args.pool_size} threads /core':>16} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(f"{row['operation']:<14} {row['calls']:>5} | {row['in_process_calls_per_s']:>9.1f} "
               f"{row['in_process_cores']:>5.2f} {row['in_process_calls_per_core_s']:>7.1f} | "
               f"{row['pool_calls_per_s']:>7.1f} {row['pool_cores']:>5.2f} {row['pool_calls_per_core_s']:>7.1f} | "
-              f"{row['ratio_per_core']:>10.2f}  {'yes' if row['goal_met'] else 'NO'}")
+              f"{row['ratio_per_core']:>10.2f}  {'yes' if row['goal_met'] else 'NO':<9} | "
+              f"{row['in_process_parallel_calls_per_core_s']:>16.1f} {row['ratio_per_core_vs_parallel']:>6.2f}")
     print("CPU per call (ms):")
     for row in rows:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in row["pool_cpu_ms_per_call"].items())
-        print(f"  {row['operation']:<14} in-process {row['in_process_cpu_ms_per_call']:.1f} | pool "
+        print(f"  {row['operation']:<14} in-process {row['in_process_cpu_ms_per_call']:.1f} "
+              f"({row['in_process_parallel_cpu_ms_per_call']:.1f} on {args.pool_size} threads) | pool "
               f"{row['pool_cpu_ms_per_call_total']:.1f} = {parts}")
     print(f"  (/core = calls per CPU second; pool cores = driver + executors + the rest of its Ray cluster; "
+          f"the goal compares with in-process on one thread; '{args.pool_size} threads' = in-process on as many "
+          f"threads as executors (context: the cores then share caches and memory as the executors do); "
           f"median of {args.repeats} warm batches; pool_size={args.pool_size}, "
           f"calls_per_task={pool_stats['calls_per_task']}, max_in_flight={pool_stats['max_in_flight_per_executor']}; "
           f"{os.cpu_count()} cores, "
