@@ -242,11 +242,13 @@ def frame_colour(index: int) -> tuple[int, int, int]:
     return (index * 6, 255 - index * 6, (index * 37) % 256)
 
 
-def write_colour_video(path: str, num_frames: int, offset: int = 0) -> str:
-    """An mp4 whose frame i is a solid, distinct colour: frame_colour(i + offset)."""
+def write_colour_video(path: str, num_frames: int, offset: int = 0, codec: str = "mpeg4") -> str:
+    """A video (container from the path's extension) whose frame i is a solid, distinct colour:
+    frame_colour(i + offset)."""
     with av.open(path, "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = 320, 240
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"  # MJPEG takes full-range YUV only
         for index in range(num_frames):
             pixels = np.empty((240, 320, 3), np.uint8)
             pixels[:] = frame_colour(index + offset)
@@ -287,6 +289,16 @@ def test_select_frames_returns_the_matching_frames(video_path):
     cropped = run_turn(crop_turn([0, 0, frame_view_w, frame_view_h], target=1), [video, *observation.full_images],
                        BUDGETS)
     assert ok(cropped).box_pixels == (0, 0, 320, 240)
+
+
+@pytest.mark.parametrize("name, codec", [("colours.webm", "libvpx"), ("colours.avi", "mpeg4"),
+                                         ("colours.avi", "mjpeg")])
+def test_webm_and_avi_videos(tmp_path, name, codec):
+    path = write_colour_video(str(tmp_path / name), NUM_VIDEO_FRAMES, codec=codec)
+    video = VideoSource.sampled(path, BUDGETS.num_video_frames)
+    assert video.frame_indices == sample_frame_indices(NUM_VIDEO_FRAMES, 16)
+    observation = ok(run_turn(frames_turn([16, 1, 8]), [video], BUDGETS))
+    assert [nearest_frame(frame) for frame in observation.full_images] == [video.frame_indices[k - 1] for k in (16, 1, 8)]
 
 
 def test_video_from_bytes(video_path):
