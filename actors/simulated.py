@@ -54,7 +54,7 @@ import numpy as np
 import ray
 
 from policies.simulation import (
-    FastTokenizer, SimulatedEngine, SimulationConfig, smart_resize, train_seconds,
+    FastTokenizer, SimulatedEngine, SimulationConfig, modelled_tokens, smart_resize, train_seconds,
 )
 
 logger = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ class SimulatedLearner:
 
     def train_step(self, samples: list, filler, global_tokens: int) -> dict:
         started = time.perf_counter()
-        tokens = sum(len(s.token_ids) for s in samples)
+        tokens = sum(modelled_tokens(self.simulation, s.loss_mask) for s in samples)
         trainable = float(sum(sum(s.loss_mask) for s in samples))
         advantage_sum = float(sum(s.advantage * sum(s.loss_mask) for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
@@ -444,7 +444,7 @@ class SimulatedLearner:
 
     def sft_step(self, samples: list, filler, global_tokens: int) -> dict:
         started = time.perf_counter()
-        tokens = sum(len(s.token_ids) for s in samples)
+        tokens = sum(modelled_tokens(self.simulation, s.loss_mask) for s in samples)
         trainable = float(sum(sum(s.loss_mask) for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
         self._export_idle.wait()

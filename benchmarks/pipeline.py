@@ -98,6 +98,9 @@ TIME_MODEL = dict(
     length_distribution="lognormal", median_tokens_per_turn=150.0, sigma=1.0, tool_call_probability=0.5,
     decode_s_per_token=0.015, prefill_s_per_request=0.03, tool_s=0.2, weight_load_s=1.0,
     train_s_per_step=1.0, train_s_per_token=1.2e-4, export_s=1.0,
+    # the learner counts every sample's prompt and observations at these sizes (the simulated
+    # engines' stand-in prompts are ~450 tokens at the 112 px canvas, their views a few dozen)
+    prompt_tokens=600, observation_tokens=80,
 )
 SCALED = ("decode_s_per_token", "prefill_s_per_request", "tool_s", "weight_load_s", "train_s_per_step",
           "train_s_per_token", "export_s")
@@ -262,12 +265,12 @@ def scaled_time_model(scale: float) -> dict:
 
 
 def _prompt_seconds(rng: random.Random, config: SimulationConfig) -> tuple[float, int]:
-    """One prompt's G trajectories on one engine under the time model: seconds and tokens (~600
-    prompt + ~80 per observation). `batching: turn`: one lockstep batch per turn (a turn lasts
-    as long as its longest request); `continuous`: each trajectory runs its turns on its own (the
-    prompt lasts as long as its longest trajectory), every admitted turn stalling the batch for
-    its prefill."""
-    durations, tokens, admitted = [0.0] * GROUP_SIZE, 600 * GROUP_SIZE, 0
+    """One prompt's G trajectories on one engine under the time model: seconds and tokens (each
+    prompt and observation at the model's `prompt_tokens` / `observation_tokens`, as the simulated
+    learner counts them). `batching: turn`: one lockstep batch per turn (a turn lasts as long as
+    its longest request); `continuous`: each trajectory runs its turns on its own (the prompt lasts
+    as long as its longest trajectory), every admitted turn stalling the batch for its prefill."""
+    durations, tokens, admitted = [0.0] * GROUP_SIZE, config.prompt_tokens * GROUP_SIZE, 0
     alive, lockstep = list(range(GROUP_SIZE)), 0.0
     for turn in range(MAX_TOOL_CALLS + 1):
         if not alive:
@@ -282,7 +285,7 @@ def _prompt_seconds(rng: random.Random, config: SimulationConfig) -> tuple[float
             durations[i] += config.decode_s_per_token * plans[i].tokens + (config.tool_s if i in calling else 0.0)
         if calling:
             lockstep += config.tool_s
-            tokens += 80 * len(calling)
+            tokens += config.observation_tokens * len(calling)
         alive = calling
     if config.batching == "turn":
         return lockstep, tokens

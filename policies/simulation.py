@@ -23,7 +23,8 @@ running batch on its own, see actors/simulated.ContinuousBatchClock; same draws 
   sample and turn), so a rollout is reproducible whatever the batching or the engine count.
 
 Learner: a rank's step lasts `train_s_per_step + train_s_per_token * tokens` (all tokens of its
-share, prompt included: forward and backward run over them); ranks run in parallel.
+share, prompt included: forward and backward run over them; prompts and observations counted at
+`prompt_tokens` / `observation_tokens` each when set); ranks run in parallel.
 Weight sync: `export_s` on the learner, `weight_load_s` in each engine.
 """
 from __future__ import annotations
@@ -66,6 +67,12 @@ class SimulationConfig(BaseModel):
     train_s_per_step: float = Field(default=0.0, ge=0)
     train_s_per_token: float = Field(default=0.0, ge=0)
     export_s: float = Field(default=0.0, ge=0)  # learner rank 0 publishing the weights
+    # The learner's token count for a sample's context. None: the sample's own tokens (what the
+    # stand-in tokenizer made of the prompt and the observations). Set: the time model's sizes
+    # (e.g. a 7B prompt with its image, ~600; a crop's view, ~80) whatever the stand-ins made of
+    # them, so the learner's time follows the same model as a benchmark's reference schedule.
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    observation_tokens: int | None = Field(default=None, ge=0)
     # stand-ins
     # "stub": the real parser, then a canned observation (no pixels cropped, zero cost unless
     # tool_s); "inline": the real crop code in the worker; "pool": the real ToolPool (executors).
@@ -100,6 +107,23 @@ def generation_seconds(config: SimulationConfig, lengths: Sequence[int]) -> floa
 def train_seconds(config: SimulationConfig, tokens: int) -> float:
     """One learner rank's optimizer step over `tokens` tokens."""
     return config.train_s_per_step + config.train_s_per_token * tokens
+
+
+def modelled_tokens(config: SimulationConfig, loss_mask: Sequence[int]) -> int:
+    """A sample's tokens for the learner's time: the trained (generated) ones, plus its prompt
+    (the tokens before the first trained one) and its observations (untrained runs between trained
+    ones) at their own length, or at `prompt_tokens` / `observation_tokens` each when set."""
+    trained = sum(1 for flag in loss_mask if flag)
+    first = next((i for i, flag in enumerate(loss_mask) if flag), len(loss_mask))
+    prompt = first if config.prompt_tokens is None else config.prompt_tokens
+    observations, run = 0, 0  # untrained tokens between trained ones, counted per the model
+    for flag in loss_mask[first:]:
+        if not flag:
+            run += 1
+        elif run:
+            observations += run if config.observation_tokens is None else config.observation_tokens
+            run = 0
+    return prompt + trained + observations + run  # a trailing untrained run at its own length
 
 
 @dataclass(frozen=True)

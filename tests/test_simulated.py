@@ -12,8 +12,8 @@ from policies import visual_ops
 from policies.episode import EpisodeSettings, GenerationRequest, prompt_token_ids, run_episodes, start_episodes
 from policies.protocol import CropCall, parse_tool_call
 from policies.simulation import (
-    SPECIAL_TOKENS, FastTokenizer, SimulatedEngine, SimulationConfig, generation_seconds, plan_turn,
-    sample_turn_tokens, smart_resize, train_seconds,
+    SPECIAL_TOKENS, FastTokenizer, SimulatedEngine, SimulationConfig, generation_seconds, modelled_tokens,
+    plan_turn, sample_turn_tokens, smart_resize, train_seconds,
 )
 from policies.visual_ops import PixelBudgets, run_turn
 
@@ -49,6 +49,15 @@ def test_train_time_is_per_step_plus_per_token():
     config = SimulationConfig(train_s_per_step=1.0, train_s_per_token=1e-3)
     assert train_seconds(config, 2000) == pytest.approx(3.0)
     assert train_seconds(SimulationConfig(), 10**6) == 0.0
+
+
+def test_learner_counts_prompts_and_observations_at_the_modelled_sizes():
+    # prompt 5, turn 3, observation 4, turn 2, observation 1, turn 1, 2 untrained at the end
+    mask = [0] * 5 + [1] * 3 + [0] * 4 + [1] * 2 + [0] + [1] + [0] * 2
+    assert modelled_tokens(SimulationConfig(), mask) == len(mask)  # unset: the sample's own tokens
+    assert modelled_tokens(SimulationConfig(prompt_tokens=600), mask) == 600 + 6 + 5 + 2
+    assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), mask) == 600 + 6 + 2 * 80 + 2
+    assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), [0] * 7) == 600
 
 
 def test_turn_plans_are_seeded_cut_at_max_tokens_and_follow_the_tool_probability():
