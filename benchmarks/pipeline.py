@@ -30,7 +30,8 @@ One run, one table:
     placed on the engines with the fewest trajectories in flight, long-tailed turn lengths, each
     engine continuously batching (`simulation.batching: continuous`: a trajectory's next turn
     joins the running batch as soon as its tool returns). Time model = rough Qwen2.5-VL-7B numbers on
-    H100s (TIME_MODEL below) divided by `--time-scale`. The same pipeline runs the same number of
+    H100s (TIME_MODEL below) divided by `--time-scale`; the simulated learners count each prompt and
+    observation at the model's sizes (600 / 80 tokens), not at what the stand-in tokenizer made of them. The same pipeline runs the same number of
     steps with max_staleness 0 (synchronous, on-policy) and k = 1, 2, ...; each run starts from an
     idle pipeline (its fill time is counted). Reported: wall time, speedup over k=0, the measured
     staleness (policy version at training minus the trajectory's), and the "ideal" wall time of
@@ -347,9 +348,11 @@ def ideal_wall(config: SimulationConfig, engines: int, learners: int, steps: int
 def steady_state_bound(config: SimulationConfig, engines: int, learners: int, steps: int = 100, seed: int = 1,
                        overlap_export: bool = False) -> dict:
     """The limit of any bounded-staleness schedule for this time model: sync step = E[slowest
-    prompt] + weight load + train + export; an asynchronous pipeline can at best generate at the
-    MEAN prompt's pace (perfect averaging, k -> infinity) or train back to back (the export
-    included, unless it overlaps the next step), whichever is slower."""
+    prompt] + weight load + train + export; an asynchronous pipeline can at best train back to
+    back (the export included, unless it overlaps the next step). The engine term (generating at
+    the MEAN prompt's pace, one batch after another) is not a strict bound: an engine holding
+    calls of several steps that need no update in between batches them together (flat decode),
+    and a run at time-scale 5 stepped faster than it. Here it is below the learner's term."""
     rng = random.Random(seed)
     draws = [[_prompt_seconds(rng, config) for _ in range(engines)] for _ in range(steps)]
     slowest = float(np.mean([max(s for s, _ in step) for step in draws]))
