@@ -36,11 +36,12 @@ One run, one table:
     idle pipeline (its fill time is counted). Reported: wall time, speedup over k=0, the measured
     staleness (policy version at training minus the trajectory's), and the "ideal" wall time of
     the same schedule computed by an event simulation of the time model with zero overhead
-    (independent draws), which bounds what any implementation of this schedule could reach, and
-    the steady-state speedup (mean step interval over the second half of the steps: the fill of
-    the first k steps excluded) next to the limit of ANY bounded-staleness schedule for this time
-    model (`steady_state_bound`: the learner is the serial stage, so asynchrony can at best turn
-    a step into max(train, mean generation)). Both modes use the same continuously batching
+    (independent draws), which bounds what any implementation of this schedule could reach (it
+    runs an engine's calls of different steps one after another; the simulated engines may batch
+    them together), and the steady-state speedup (mean step interval over the second half of the
+    steps: the fill of the first k steps excluded) next to the limit of ANY bounded-staleness
+    schedule for this time model (`steady_state_bound`: the learner is the serial stage, so
+    asynchrony can at best turn a step into its training). Both modes use the same continuously batching
     engines: the sync baseline gains from continuous batching too. `--b-export both` (default)
     runs the synchronous baseline with the plain export, then every k with
     `trainer.overlap_weight_export` (the next step trains beside the export) and the largest k
