@@ -113,6 +113,8 @@ def modelled_tokens(config: SimulationConfig, loss_mask: Sequence[int]) -> int:
     """A sample's tokens for the learner's time: the trained (generated) ones, plus its prompt
     (the tokens before the first trained one) and its observations (untrained runs between trained
     ones) at their own length, or at `prompt_tokens` / `observation_tokens` each when set."""
+    if config.prompt_tokens is None and config.observation_tokens is None:
+        return len(loss_mask)  # no walk over the tokens where nothing is re-sized (zero-cost runs)
     trained = sum(1 for flag in loss_mask if flag)
     first = next((i for i, flag in enumerate(loss_mask) if flag), len(loss_mask))
     prompt = first if config.prompt_tokens is None else config.prompt_tokens
