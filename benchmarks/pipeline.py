@@ -35,8 +35,8 @@ One run, one table:
     them. The same pipeline runs the same number of steps with max_staleness 0 (synchronous,
     on-policy) and k = 1, 2, ...; each run starts from an idle pipeline (its fill time is
     counted). Reported: wall time, speedup over k=0, the measured staleness (policy version at
-    training minus the trajectory's), and the "ideal" wall time of the same schedule computed by an event simulation of the time model with zero overhead
-    (independent draws), which bounds what any implementation of this schedule could reach (it
+    training minus the trajectory's), and the "ideal" wall time of the same schedule computed by
+    an event simulation of the time model with zero overhead (independent draws), which bounds what any implementation of this schedule could reach (it
     runs an engine's calls of different steps one after another; the simulated engines may batch
     them together), and the steady-state speedup (mean step interval over the second half of the
     steps: the fill of the first k steps excluded) next to the limit of ANY bounded-staleness
