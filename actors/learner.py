@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from actors.weight_sync import nontemporal_copy_env
@@ -384,7 +385,7 @@ class LearnerGroup:
         shares = [samples[rank::world] for rank in range(world)]
         if max(len(s) for s in shares) > capacity:
             raise ValueError(f"{len(samples)} samples exceed {world} ranks x {capacity} per step")
-        return shares, _zero_weight_copy(samples[0]), sum(sum(s.loss_mask) for s in samples)
+        return shares, _zero_weight_copy(samples[0]), sum(s.num_trained_tokens for s in samples)
 
     def _call_ranks(self, method: str, split) -> tuple[list[dict], int]:
         shares, filler, global_tokens = split
@@ -516,4 +517,4 @@ class StagedBatch:
 
 
 def _zero_weight_copy(sample: TrainSample) -> TrainSample:
-    return TrainSample(sample.token_ids, [0] * len(sample.loss_mask), sample.behaviour_logprobs, sample.images, 0.0)
+    return TrainSample(sample.token_ids, np.zeros_like(sample.loss_mask), sample.behaviour_logprobs, sample.images, 0.0)

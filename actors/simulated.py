@@ -426,8 +426,8 @@ class SimulatedLearner:
     def train_step(self, samples: list, filler, global_tokens: int) -> dict:
         started = time.perf_counter()
         tokens = sum(modelled_tokens(self.simulation, s.loss_mask) for s in samples)
-        trainable = float(sum(sum(s.loss_mask) for s in samples))
-        advantage_sum = float(sum(s.advantage * sum(s.loss_mask) for s in samples))
+        trainable = float(sum(s.num_trained_tokens for s in samples))
+        advantage_sum = float(sum(s.advantage * s.num_trained_tokens for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
         self._export_idle.wait()  # the optimizer update writes the weights an export may be reading
         self.steps += 1
@@ -445,7 +445,7 @@ class SimulatedLearner:
     def sft_step(self, samples: list, filler, global_tokens: int) -> dict:
         started = time.perf_counter()
         tokens = sum(modelled_tokens(self.simulation, s.loss_mask) for s in samples)
-        trainable = float(sum(sum(s.loss_mask) for s in samples))
+        trainable = float(sum(s.num_trained_tokens for s in samples))
         _sleep_until(started + train_seconds(self.simulation, tokens))
         self._export_idle.wait()
         self.steps += 1

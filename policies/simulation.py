@@ -37,6 +37,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -114,18 +115,17 @@ def modelled_tokens(config: SimulationConfig, loss_mask: Sequence[int]) -> int:
     (the tokens before the first trained one) and its observations (untrained runs between trained
     ones) at their own length, or at `prompt_tokens` / `observation_tokens` each when set."""
     if config.prompt_tokens is None and config.observation_tokens is None:
-        return len(loss_mask)  # no walk over the tokens where nothing is re-sized (zero-cost runs)
-    trained = sum(1 for flag in loss_mask if flag)
-    first = next((i for i, flag in enumerate(loss_mask) if flag), len(loss_mask))
+        return len(loss_mask)  # nothing re-sized: no pass over the tokens (zero-cost runs)
+    trained_at = np.flatnonzero(np.asarray(loss_mask))
+    if not len(trained_at):
+        return len(loss_mask) if config.prompt_tokens is None else config.prompt_tokens
+    first, last = int(trained_at[0]), int(trained_at[-1])
     prompt = first if config.prompt_tokens is None else config.prompt_tokens
-    observations, run = 0, 0  # untrained tokens between trained ones, counted per the model
-    for flag in loss_mask[first:]:
-        if not flag:
-            run += 1
-        elif run:
-            observations += run if config.observation_tokens is None else config.observation_tokens
-            run = 0
-    return prompt + trained + observations + run  # a trailing untrained run at its own length
+    gaps = np.diff(trained_at) - 1  # untrained tokens between consecutive trained ones
+    gaps = gaps[gaps > 0]  # one entry per observation
+    observations = int(gaps.sum()) if config.observation_tokens is None else len(gaps) * config.observation_tokens
+    trailing = len(loss_mask) - 1 - last  # an untrained run at the end, at its own length
+    return prompt + len(trained_at) + observations + trailing
 
 
 @dataclass(frozen=True)

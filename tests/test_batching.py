@@ -51,6 +51,21 @@ def test_padding_masks_and_advantages(processor):
     assert "pixel_values" not in batch.inputs
 
 
+def test_train_sample_holds_compact_arrays_and_rejects_ragged_columns():
+    import pickle
+
+    ids = list(range(1000))
+    sample = TrainSample(ids, [i % 2 for i in ids], [-0.5 * (i % 2) for i in ids], [], 0.25)
+    assert (sample.token_ids.dtype, sample.loss_mask.dtype, sample.behaviour_logprobs.dtype) == (np.int32, np.int8, np.float32)
+    assert sample.token_ids.tolist() == ids and sample.num_trained_tokens == 500
+    as_lists = pickle.dumps((ids, [i % 2 for i in ids], [-0.5 * (i % 2) for i in ids]), protocol=5)
+    blob = pickle.dumps(sample, protocol=5)  # what travels to a learner: three buffers, no per-token objects
+    assert len(blob) < len(as_lists)
+    assert np.array_equal(pickle.loads(blob).behaviour_logprobs, sample.behaviour_logprobs)
+    with pytest.raises(ValueError, match="loss_mask"):
+        TrainSample([1, 2, 3], [0, 1], [0.0, 0.0, 0.0], [], 0.0)
+
+
 def test_pad_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="images"):
         expand_image_pads(TrainSample([7, 9], [0, 1], [0, -1], [], 0.0), image_pad_id=7, tokens_per_image=[])

@@ -58,6 +58,10 @@ def test_learner_counts_prompts_and_observations_at_the_modelled_sizes():
     assert modelled_tokens(SimulationConfig(prompt_tokens=600), mask) == 600 + 6 + 5 + 2
     assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), mask) == 600 + 6 + 2 * 80 + 2
     assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), [0] * 7) == 600
+    assert modelled_tokens(SimulationConfig(observation_tokens=80), [0] * 7) == 7
+    # a TrainSample's mask (int8 array) counts the same as the list
+    assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80),
+                           np.asarray(mask, np.int8)) == 600 + 6 + 2 * 80 + 2
 
 
 def test_turn_plans_are_seeded_cut_at_max_tokens_and_follow_the_tool_probability():
