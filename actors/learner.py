@@ -7,6 +7,7 @@ tokens of the whole global batch.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.learner_inbox import ShareInbox
 from actors.weight_sync import nontemporal_copy_env
 from policies.batching import TrainSample, collate, mini_batches, token_logprobs
 from policies.losses import micro_batch_policy_loss
@@ -93,7 +95,7 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
 
 
 @ray.remote
-class Learner:
+class Learner(ShareInbox):
     def rendezvous(self) -> tuple[str, int]:
         """Address for the process group (called on rank 0)."""
         return ray.util.get_node_ip_address(), _free_port()
@@ -318,8 +320,9 @@ def learner_actor_options(trainer, placement_group=None, rank: int = 0) -> dict[
     """Ray options of learner `rank`: its CPUs / GPUs, its memcpy tuning for weight export, and, with a
     placement group, its own bundle."""
     options: dict[str, Any] = {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner}
-    if trainer.overlap_weight_export:  # the export runs in a second thread beside the next step
-        options["max_concurrency"] = 2
+    # threaded: the next step's shares arrive (`receive`) beside the running step, and an overlapped
+    # export runs beside it too
+    options["max_concurrency"] = 3 if trainer.overlap_weight_export else 2
     copy_env = nontemporal_copy_env(trainer.nontemporal_copy_threshold_mb)
     if copy_env:  # merged by Ray over the job's environment
         options["runtime_env"] = {"env_vars": copy_env}
@@ -395,24 +398,29 @@ class LearnerGroup:
         return results, sum(r["tokens"] for r in results)
 
     def stage(self, samples: list[TrainSample]) -> "StagedBatch":
-        """`train`'s input prepared ahead: split into its mini-batches and rank shares, each put in
-        the object store once. The pipeline stages the next step's samples while the learners
-        train the current one, so the serial learner stage does not pay for pickling them."""
+        """`train`'s input delivered ahead: split into its mini-batches and rank shares, each sent to
+        its learner (`ShareInbox.receive`). The pipeline stages the next step's samples while the
+        learners train the current one, so neither the driver's pickling nor the learners' fetch
+        and unpickling of a share is on the serial learner stage."""
         steps = []
         for batch in mini_batches(samples, self.updates_per_step):
             shares, filler, global_tokens = self._split(batch)
-            steps.append(([ray.put(share) for share in shares], ray.put(filler), global_tokens))
+            key, filler_ref = next(_STAGE_KEYS), ray.put(filler)
+            deliveries = [actor.receive.remote(key, share, filler_ref) for actor, share in zip(self.actors, shares)]
+            steps.append(StagedStep(key, deliveries, global_tokens))
         return StagedBatch(steps, len(samples))
 
     def train(self, samples: "list[TrainSample] | StagedBatch") -> dict[str, float]:
         """`updates_per_step` optimizer steps, one per mini-batch of `samples` (or of the staged
         batch); metrics are token means over all of them (grad_norm: the mean of the steps')."""
         if not isinstance(samples, StagedBatch):
-            samples = StagedBatch([self._split(batch) for batch in mini_batches(samples, self.updates_per_step)],
-                                  len(samples))
+            samples = self.stage(samples)
         results, tokens, grad_norms, train_s = [], 0, [], 0.0
-        for number, split in enumerate(samples.steps):
-            batch_results, batch_tokens = self._call_ranks("train_step", split)
+        for number, staged in enumerate(samples.steps):
+            ray.get(staged.deliveries)  # long done, normally; a failed delivery raises here
+            batch_results = ray.get([actor.train_received.remote(staged.key, staged.global_tokens)
+                                     for actor in self.actors])
+            batch_tokens = sum(r["tokens"] for r in batch_results)
             if number == 0:  # the step waited for a started export: it is done, surface its error
                 self.finish_exports()
             results += batch_results
@@ -504,12 +512,23 @@ class LearnerGroup:
             self.placement_group = None
 
 
+_STAGE_KEYS = itertools.count()  # names a staged step in the learners' inboxes
+
+
+@dataclass
+class StagedStep:
+    """One optimizer step's shares, delivered to the learners' inboxes under `key`."""
+
+    key: int
+    deliveries: list  # each rank's `receive` future
+    global_tokens: int
+
+
 @dataclass
 class StagedBatch:
-    """`LearnerGroup.stage`'s output: per optimizer step, (object-store reference of each rank's
-    share, of the zero-weight filler, global loss tokens); `size`: the samples in all of them."""
+    """`LearnerGroup.stage`'s output: its optimizer steps; `size`: the samples in all of them."""
 
-    steps: list[tuple[list, Any, int]]
+    steps: list[StagedStep]
     size: int
 
     def __len__(self) -> int:

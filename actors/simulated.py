@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.learner_inbox import ShareInbox
 from policies.simulation import (
     FastTokenizer, SimulatedEngine, SimulationConfig, modelled_tokens, smart_resize, train_seconds,
 )
@@ -403,8 +404,8 @@ class SimulatedRolloutWorker:
         return []
 
 
-@ray.remote(max_concurrency=2)  # an overlapped export runs beside the next train_step, as in Learner
-class SimulatedLearner:
+@ray.remote(max_concurrency=3)  # shares arrive and an overlapped export runs beside a step, as in Learner
+class SimulatedLearner(ShareInbox):
     """Same methods as `actors.learner.Learner`; `train_step` sleeps by the time model. An export
     overlapped with the next step (`trainer.overlap_weight_export`) is modelled as free to overlap
     (read-only copies; on a GPU they would share memory bandwidth with the step) and its optimizer
