@@ -18,7 +18,11 @@ def test_default_is_no_placement_group_and_unchanged_options():
     assert trainer.placement_strategy is None
     options = learner_actor_options(trainer)
     assert options.pop("runtime_env") == {"env_vars": nontemporal_copy_env(trainer.nontemporal_copy_threshold_mb)}
-    assert options == {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner}
+    # two threads: a step's shares arrive beside the step before (actors/learner_inbox.py)
+    assert options == {"num_cpus": trainer.num_cpus_per_learner, "num_gpus": trainer.num_gpus_per_learner,
+                       "max_concurrency": 2}
+    overlapped = trainer.model_copy(update={"overlap_weight_export": True})
+    assert learner_actor_options(overlapped)["max_concurrency"] == 3  # and the export beside both
 
 
 def test_gpu_preset_packs_one_bundle_per_learner_on_one_node():
@@ -42,7 +46,7 @@ def test_each_learner_goes_into_its_own_bundle(strategy):
         strategy_option = options.pop("scheduling_strategy")
         assert isinstance(strategy_option, PlacementGroupSchedulingStrategy)
         assert strategy_option.placement_group is group and strategy_option.placement_group_bundle_index == rank
-        assert options == {"num_cpus": 0.5, "num_gpus": 0.0}
+        assert options == {"num_cpus": 0.5, "num_gpus": 0.0, "max_concurrency": 2}
 
 
 def test_bad_strategy_or_empty_bundles_fail_at_config_time():
