@@ -436,11 +436,14 @@ def many_engines(args) -> list[dict]:
 
 def add_speedups(rows: list[dict]) -> None:
     """Each (b) row's speedups against the best synchronous run so far (plain or overlapped
-    export), taken separately for each measure: whole-run wall time and steady-state step."""
+    export), taken separately for each measure: whole-run wall time and steady-state step; and
+    against the zero-overhead synchronous schedule (`speedup_vs_ideal_sync`): the sync run's own
+    overhead, which asynchrony hides, can lift the measured speedup above the zero-overhead one."""
     for index, row in enumerate(rows):
         sync = [r for r in rows[:index + 1] if r["max_staleness"] == 0]
         fastest = min(sync, key=lambda r: r["wall_s"])
         row.update(speedup=fastest["wall_s"] / row["wall_s"],
+                   speedup_vs_ideal_sync=min(r["ideal_wall_s"] for r in sync) / row["wall_s"],
                    ideal_speedup=fastest["ideal_wall_s"] / row["ideal_wall_s"],
                    steady_speedup=min(r["steady_step_s"] for r in sync) / row["steady_step_s"],
                    baseline=f"max_staleness 0, {fastest['export']} export")
@@ -786,7 +789,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"(b) async vs sync at {args.engines} engines, whole runs of {args.b_steps} steps from an idle pipeline: "
               f"{best['speedup']:.2f}x at max_staleness {best['max_staleness']}, {best['export']} export (vs "
               f"{best['baseline']}; the same schedule with zero overhead: {best['ideal_speedup']:.2f}x, over "
-              f"{best['long_run_steps']} steps {best['ideal_speedup_long_run']:.2f}x; goal >= 2.8x)")
+              f"{best['long_run_steps']} steps {best['ideal_speedup_long_run']:.2f}x; against the zero-overhead "
+              f"synchronous schedule: {best['speedup_vs_ideal_sync']:.2f}x; goal >= 2.8x)")
     c_rows = [r for r in rows if r["part"] == "c"]
     for row in c_rows:
         if row["episodes"] == "first turns":
