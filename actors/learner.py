@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 
 from actors.learner_inbox import ShareInbox
@@ -536,4 +535,4 @@ class StagedBatch:
 
 
 def _zero_weight_copy(sample: TrainSample) -> TrainSample:
-    return TrainSample(sample.token_ids, np.zeros_like(sample.loss_mask), sample.behaviour_logprobs, sample.images, 0.0)
+    return TrainSample(sample.token_ids, [0] * len(sample.loss_mask), sample.behaviour_logprobs, sample.images, 0.0)

@@ -7,6 +7,7 @@ behaviour log-probs and advantages are expanded alongside (0 on the inserted pad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,28 +17,26 @@ import torch
 class TrainSample:
     """What the learner needs of a trajectory (images as uint8 arrays, as the model saw them).
 
-    The token columns are numpy arrays (lists are converted on construction): a step's samples go
-    to the learners through Ray, and an array pickles as one buffer where a list costs ~45 ns an
-    element to pickle and again to unpickle, on the learner's path to its step (README, "Status").
-    The log-probs are float32, the precision the engines computed them in and the learner uses."""
+    The token columns are sequences: the trajectory's lists as the pipeline builds them, or numpy
+    arrays; learner-side code reads them through `np.asarray`. (Converting a step's ~400k tokens a
+    column to arrays on the driver cost it ~0.1 ms a trajectory, more than it saved: the learners
+    unpickle a share beside the step before, `actors/learner_inbox.py`.)"""
 
-    token_ids: np.ndarray  # int32
-    loss_mask: np.ndarray  # int8, 1 on trained tokens
-    behaviour_logprobs: np.ndarray  # float32
+    token_ids: Sequence[int]
+    loss_mask: Sequence[int]  # 1 on trained tokens
+    behaviour_logprobs: Sequence[float]
     images: list[np.ndarray]
     advantage: float
 
     def __post_init__(self):
-        self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
-        self.loss_mask = np.asarray(self.loss_mask, dtype=np.int8)
-        self.behaviour_logprobs = np.asarray(self.behaviour_logprobs, dtype=np.float32)
         if not len(self.token_ids) == len(self.loss_mask) == len(self.behaviour_logprobs):
             raise ValueError(f"a sample's token_ids, loss_mask and behaviour_logprobs differ in length "
                              f"({len(self.token_ids)}, {len(self.loss_mask)}, {len(self.behaviour_logprobs)})")
 
     @property
     def num_trained_tokens(self) -> int:
-        return int(self.loss_mask.sum())
+        mask = self.loss_mask
+        return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else sum(mask)
 
 
 def mini_batches(samples: list, count: int) -> list[list]:
@@ -58,14 +57,17 @@ class ModelBatch:
 def expand_image_pads(sample: TrainSample, image_pad_id: int, tokens_per_image: list[int]):
     """Expanded (token_ids, loss_mask, behaviour_logprobs) arrays with each pad repeated per image
     token (masked, log-prob 0)."""
-    is_pad = sample.token_ids == image_pad_id
+    token_ids = np.asarray(sample.token_ids, dtype=np.int64)
+    is_pad = token_ids == image_pad_id
     pads = int(is_pad.sum())
     if pads != len(tokens_per_image):
         raise ValueError(f"{len(tokens_per_image)} images but {pads} image pads in a trajectory")
     repeats = np.ones(len(is_pad), dtype=np.int64)
     repeats[is_pad] = tokens_per_image
-    return (np.repeat(sample.token_ids, repeats), np.repeat(np.where(is_pad, 0, sample.loss_mask), repeats),
-            np.repeat(np.where(is_pad, 0.0, sample.behaviour_logprobs), repeats))
+    mask = np.asarray(sample.loss_mask, dtype=np.float32)
+    logprobs = np.asarray(sample.behaviour_logprobs, dtype=np.float32)
+    return (np.repeat(token_ids, repeats), np.repeat(np.where(is_pad, 0.0, mask), repeats),
+            np.repeat(np.where(is_pad, 0.0, logprobs), repeats))
 
 
 def collate(samples: list[TrainSample], image_processor, image_pad_id: int, pad_id: int) -> ModelBatch:

@@ -54,7 +54,8 @@ class SFTExample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def train_sample(self) -> TrainSample:
-        return TrainSample(self.token_ids, self.loss_mask, np.zeros(len(self.token_ids)), list(self.images), 0.0)
+        return TrainSample(list(self.token_ids), list(self.loss_mask), [0.0] * len(self.token_ids),
+                           list(self.images), 0.0)
 
     def engine_length(self, patch: int = 28) -> int:
         """Length as the engine and the model count it: each pad expands to one token per patch x patch block."""

@@ -51,17 +51,16 @@ def test_padding_masks_and_advantages(processor):
     assert "pixel_values" not in batch.inputs
 
 
-def test_train_sample_holds_compact_arrays_and_rejects_ragged_columns():
-    import pickle
-
-    ids = list(range(1000))
-    sample = TrainSample(ids, [i % 2 for i in ids], [-0.5 * (i % 2) for i in ids], [], 0.25)
-    assert (sample.token_ids.dtype, sample.loss_mask.dtype, sample.behaviour_logprobs.dtype) == (np.int32, np.int8, np.float32)
-    assert sample.token_ids.tolist() == ids and sample.num_trained_tokens == 500
-    as_lists = pickle.dumps((ids, [i % 2 for i in ids], [-0.5 * (i % 2) for i in ids]), protocol=5)
-    blob = pickle.dumps(sample, protocol=5)  # what travels to a learner: three buffers, no per-token objects
-    assert len(blob) < len(as_lists)
-    assert np.array_equal(pickle.loads(blob).behaviour_logprobs, sample.behaviour_logprobs)
+def test_train_sample_takes_lists_or_arrays_and_rejects_ragged_columns(processor):
+    ids = [5, 6, 7, 8]
+    as_lists = TrainSample(ids, [0, 1, 1, 0], [0.0, -0.5, -0.25, 0.0], [], 0.25)
+    as_arrays = TrainSample(np.asarray(ids), np.asarray([0, 1, 1, 0], np.int8),
+                            np.asarray([0.0, -0.5, -0.25, 0.0], np.float32), [], 0.25)
+    assert as_lists.num_trained_tokens == as_arrays.num_trained_tokens == 2
+    pad, eos = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>"), processor.tokenizer.pad_token_id
+    one, other = (collate([s], processor.image_processor, pad, eos) for s in (as_lists, as_arrays))
+    assert torch.equal(one.inputs["input_ids"], other.inputs["input_ids"])
+    assert torch.equal(one.loss_mask, other.loss_mask) and torch.equal(one.old_logprobs, other.old_logprobs)
     with pytest.raises(ValueError, match="loss_mask"):
         TrainSample([1, 2, 3], [0, 1], [0.0, 0.0, 0.0], [], 0.0)
 

@@ -166,7 +166,7 @@ def test_works_with_the_pipelines_train_samples():
     assert drawn is sample
     restored = ReplayBuffer()
     restored.load_state_dict(pickle.loads(pickle.dumps(buffer.state_dict())))
-    assert restored.draw(1, random.Random(0))[0].token_ids.tolist() == [1, 2]
+    assert restored.draw(1, random.Random(0))[0].token_ids == [1, 2]
 
 
 def test_state_file_round_trip(tmp_path):
