@@ -4,7 +4,7 @@ so the simulated learner can share it).
 `LearnerGroup.stage` sends each rank its share of a coming step with `receive`; Ray fetches and
 deserializes the arguments before a task starts, so doing that in a call of its own, beside the
 running step (the learners are threaded actors), takes it off the serial learner stage:
-`train_received` then starts at once. On the 64-engine simulation that fetch took 0.1-0.5 s per
+`train_received` then starts at once. On the 64-engine simulation that fetch took 0.2-0.8 s per
 step on the loaded host (README, "Status")."""
 from __future__ import annotations
 
