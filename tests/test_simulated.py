@@ -59,7 +59,7 @@ def test_learner_counts_prompts_and_observations_at_the_modelled_sizes():
     assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), mask) == 600 + 6 + 2 * 80 + 2
     assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80), [0] * 7) == 600
     assert modelled_tokens(SimulationConfig(observation_tokens=80), [0] * 7) == 7
-    # a TrainSample's mask (int8 array) counts the same as the list
+    # an array mask (a TrainSample may hold one) counts the same as the list
     assert modelled_tokens(SimulationConfig(prompt_tokens=600, observation_tokens=80),
                            np.asarray(mask, np.int8)) == 600 + 6 + 2 * 80 + 2
 
