@@ -158,7 +158,8 @@ class VLLMEngine:
 
 
 def _prompt(request: GenerationRequest) -> dict:
-    return {"prompt_token_ids": request.token_ids, "multi_modal_data": {"image": request.images}}
+    return {"prompt_token_ids": list(request.token_ids),  # vLLM takes a list (the workflow sends an array)
+            "multi_modal_data": {"image": request.images}}
 
 
 def generation_result(output) -> GenerationResult:

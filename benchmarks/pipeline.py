@@ -485,7 +485,7 @@ def _bare_vllm_class():
             self.prompts, self.params = [], []
             for episode in episodes:
                 room = self.settings.max_model_len - _engine_length(episode, self.settings.budgets.patch_factor)
-                self.prompts.append({"prompt_token_ids": list(episode.trajectory.token_ids),
+                self.prompts.append({"prompt_token_ids": episode.trajectory.token_ids.tolist(),
                                      "multi_modal_data": {"image": list(episode.view_images)}})
                 self.params.append(SamplingParams(
                     temperature=self.config.temperature, top_p=self.config.top_p,
@@ -542,8 +542,9 @@ def _timed_rollout(worker, tasks: list, group_size: int, seed: int, driver: str)
                                                         continuous_batching=driver == "continuous"))
     return {"wall_s": time.perf_counter() - started, "engine_s": stats["generation_s"],
             "generated_tokens": stats["generated_tokens"],
-            "response_tokens": [t.token_ids[t.loss_mask.index(1):] if 1 in t.loss_mask else [] for t in trajectories],
-            "token_ids": [t.token_ids for t in trajectories],
+            "response_tokens": [t.token_ids[t.loss_mask.index(1):].tolist() if 1 in t.loss_mask else []
+                                for t in trajectories],
+            "token_ids": [t.token_ids.tolist() for t in trajectories],
             "tool_calls": sum(t.num_visual_operations for t in trajectories)}
 
 

@@ -36,7 +36,7 @@ class TrainSample:
     @property
     def num_trained_tokens(self) -> int:
         mask = self.loss_mask
-        return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else sum(mask)
+        return sum(mask) if isinstance(mask, list) else int(np.count_nonzero(mask))
 
 
 def mini_batches(samples: list, count: int) -> list[list]:

@@ -16,7 +16,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from policies.protocol import TOOL_SYSTEM_PROMPT
-from policies.trajectory import Trajectory, VisualOperation
+from policies.trajectory import Trajectory, VisualOperation, token_array
 from policies.visual_ops import Observation, PixelBudgets, resize_to_budget
 
 TOOL_CALL_END = "</tool_call>"
@@ -25,7 +25,7 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 @dataclass
 class GenerationRequest:
-    token_ids: list[int]
+    token_ids: Sequence[int]  # a copy of the trajectory's (an int32 array); engines needing a list convert
     images: list  # PIL images, one per <|image_pad|> in token_ids
     max_tokens: int
     seed: int | None = None  # per-request sampling seed: rollouts reproducible whatever the batching
@@ -192,9 +192,10 @@ def start_video_episodes(
                         answers, group_size, policy_version, seed, is_video=True, metadata=metadata)
 
 
-def _start_group(qid: str, prompt: list[int], views: list, source, answers: Sequence[str], group_size: int,
+def _start_group(qid: str, prompt: Sequence[int], views: list, source, answers: Sequence[str], group_size: int,
                  policy_version: int, seed: int | None, is_video: bool, metadata: dict) -> list[Episode]:
     arrays = [np.asarray(view.convert("RGB")) for view in views]
+    prompt = token_array(prompt)  # converted once, copied as bytes into each sample
     episodes = []
     for sample_index in range(group_size):
         trajectory = Trajectory(qid=qid, sample_index=sample_index, answers=tuple(answers), is_video=is_video,
@@ -309,7 +310,7 @@ def next_request(episode: Episode, turn: int, settings: EpisodeSettings) -> Gene
         _finish(episode, "length")
         return None
     return GenerationRequest(
-        token_ids=list(episode.trajectory.token_ids), images=list(episode.view_images),
+        token_ids=episode.trajectory.token_ids[:], images=list(episode.view_images),
         max_tokens=min(settings.max_new_tokens_per_turn, room),
         seed=None if episode.seed is None else derive_seed(episode.seed, turn),
     )

@@ -148,7 +148,7 @@ def test_video_prompt_shows_the_sampled_frames_as_images_at_the_frame_budget(tok
     t = episode.trajectory
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert t.is_video and t.metadata["num_frames"] == 16
-    assert t.token_ids == prompt_token_ids(tokenizer, "What happens?", num_images=16)
+    assert t.token_ids.tolist() == prompt_token_ids(tokenizer, "What happens?", num_images=16)
     assert t.token_ids.count(pad) == len(t.images) == len(episode.view_images) == 16
     assert not any(t.loss_mask)
     text = tokenizer.decode(t.token_ids)
