@@ -33,7 +33,8 @@ One run, one table:
     (TIME_MODEL below) divided by `--time-scale`; the simulated learners count each prompt and
     observation at the model's sizes (600 / 80 tokens), not at what the stand-in tokenizer made of
     them. The same pipeline runs the same number of steps with max_staleness 0 (synchronous,
-    on-policy) and k = 1, 2, ...; each run starts from an idle pipeline (its fill time is counted).
+    on-policy) and k = 1, 2, ...; each run starts from an idle pipeline (its fill time is counted;
+    64 steps a run by default, `--b-steps`).
     Reported: wall time, speedup over k=0, the measured staleness (policy version at training minus
     the trajectory's), and the "ideal" wall time of the same schedule computed by an event
     simulation of the time model with zero overhead (independent draws), which bounds what any
@@ -723,7 +724,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--canvases", type=int, nargs="+", default=[112, 896], help="(a) image sizes (px)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--engines", type=int, default=64, help="(b) simulated engines (one actor each)")
-    parser.add_argument("--b-steps", type=int, default=16, help="(b) steps per max_staleness value")
+    # 64 by default: over 16 the fill of the first k steps is a fifth of a k=3 run (RL runs last hundreds)
+    parser.add_argument("--b-steps", type=int, default=64, help="(b) steps per max_staleness value")
     parser.add_argument("--b-staleness", type=int, nargs="+", default=[0, 1, 2, 3], help="(b) k values; 0 first")
     parser.add_argument("--b-export", choices=["both", "overlapped", "plain"], default="both",
                         help="(b) trainer.overlap_weight_export: both = a plain synchronous baseline, every k "
