@@ -17,10 +17,9 @@ import torch
 class TrainSample:
     """What the learner needs of a trajectory (images as uint8 arrays, as the model saw them).
 
-    The token columns are sequences: the trajectory's lists as the pipeline builds them, or numpy
-    arrays; learner-side code reads them through `np.asarray`. (Converting a step's ~400k tokens a
-    column to arrays on the driver cost it ~0.1 ms a trajectory, more than it saved: the learners
-    unpickle a share beside the step before, `actors/learner_inbox.py`.)"""
+    The token columns are any sequences: the pipeline passes a trajectory's typed arrays as they
+    are (built on the engine, `policies/trajectory.py`; nothing is converted on the driver), SFT
+    passes lists; learner-side code reads them through `np.asarray`."""
 
     token_ids: Sequence[int]
     loss_mask: Sequence[int]  # 1 on trained tokens
@@ -35,8 +34,7 @@ class TrainSample:
 
     @property
     def num_trained_tokens(self) -> int:
-        mask = self.loss_mask
-        return sum(mask) if isinstance(mask, list) else int(np.count_nonzero(mask))
+        return int(np.count_nonzero(self.loss_mask))
 
 
 def mini_batches(samples: list, count: int) -> list[list]:
