@@ -95,9 +95,10 @@ def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int,
         except StageFailed as failure:
             if failure.code != GATE_FAILED:
                 raise
-        gate = json.loads(summary_path.read_text()).get("skill_gate")
+        summary = json.loads(summary_path.read_text())
+        gate = summary.get("skill_gate")
         checks = gate["checks"] if gate else []
-        draws.append({"sft_seed": seed, "checks": checks, **({"passed": gate["passed"],
+        draws.append({"sft_seed": seed, "weights_sha256": summary["weights_sha256"], "checks": checks, **({"passed": gate["passed"],
                       "why": checks[-1]["why"] if checks else "no check ran"} if gate else {})})
         if not gate or gate["passed"]:
             break

@@ -15,6 +15,7 @@ first check it passes; it exits with 3 if the warm start misses the gate (config
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -83,6 +84,18 @@ def write_model(learners, model_path: str, output_dir: Path) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.rename(staging, final)
     return final
+
+
+def weights_digest(hf_dir: Path) -> str:
+    """sha256 of the written weights: names the warm start a draw produced. The same seed, data and
+    machine give the same digest (tests/test_sft.py); another CPU's float kernels round differently
+    and, over hundreds of steps, give another warm start."""
+    digest = hashlib.sha256()
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "run_id": tracker.run_id, "tracking_uri": config.tracking.tracking_uri, "base_model": model_path,
-        "model": str(hf_dir.resolve()), "examples": len(examples), "kinds": kinds, "skipped_too_long": len(too_long),
+        "model": str(hf_dir.resolve()), "weights_sha256": weights_digest(hf_dir),
+        "examples": len(examples), "kinds": kinds, "skipped_too_long": len(too_long),
         "steps": len(history), "steps_per_epoch": per_epoch, "epochs": sft.epochs,
         "epochs_trained": history[-1]["epoch"] + 1, "lr": sft.lr,
         "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],

@@ -138,6 +138,12 @@ def test_sft_stops_at_the_first_epoch_passing_its_skill_gate_and_fails_when_none
     assert {"reading", "box", "holds_square"} <= set(gate["checks"][0]) and gate["checks"][0]["verdict"] == "passed"
     assert (tmp_path / "passes" / "hf" / "config.json").exists()
 
+    # the same seed on the same machine gives the same warm start, bit for bit
+    result, again = run_sft(tmp_path, "passes-again", "sft.epochs=3", "sft.skill_gate.min_reading=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert again["weights_sha256"] == summary["weights_sha256"]
+    assert len(summary["weights_sha256"]) == 64 and again["first_loss"] == summary["first_loss"]
+
     # a box share of 100% on fresh examples is out of reach of 4 steps: checked after epochs 1 and 2,
     # missed, exit code 3 with the reason; the model is still written
     from cluster.sft import GATE_FAILED
@@ -172,3 +178,16 @@ def test_gate_checks_fall_evenly_in_each_epoch_from_the_first_check_epoch():
     assert due(2, 2) == [(1, 4), (2, 2), (2, 4)]  # epoch 1.5 is before epoch 2: not checked
     assert due(3, 4, epochs=3) == [(2, 4)]
     assert due(1, 3, per_epoch=4, epochs=2) == [(0, 4), (1, 2), (1, 3), (1, 4)]  # ceil(4/3), ceil(8/3), 4
+
+
+def test_weights_digest_names_the_weights_and_nothing_else(tmp_path):
+    from cluster.sft import weights_digest
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\x00\x01" * 1000)
+    (second / "config.json").write_text("{}")  # not weights: does not change the digest
+    assert weights_digest(first) == weights_digest(second)
+    (second / "model.safetensors").write_bytes(b"\x00\x01" * 999 + b"\x00\x02")
+    assert weights_digest(first) != weights_digest(second)
