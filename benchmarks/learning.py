@@ -79,7 +79,8 @@ def run_stage(name: str, module: str, arguments: list[str], workdir: Path) -> fl
 def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int, timings: dict) -> list[dict]:
     """Stage 1: SFT into <workdir>/sft. With `sft.skill_gate` set, a draw that misses the gate
     (exit code GATE_FAILED) is followed by another SFT draw (`sft.seed` + 1000), up to `max_draws`;
-    one entry per draw: its seed, gate verdict and checks (none without a gate)."""
+    one entry per draw: its seed, the digest of its weights and the CPU kernels that made them
+    (together they name the warm start), gate verdict and checks (none without a gate)."""
     from cluster.config import load_config
     from cluster.sft import GATE_FAILED, sft_seed
 
@@ -98,27 +99,13 @@ def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int,
         summary = json.loads(summary_path.read_text())
         gate = summary.get("skill_gate")
         checks = gate["checks"] if gate else []
-        draws.append({"sft_seed": seed, "weights_sha256": summary["weights_sha256"], "checks": checks, **({"passed": gate["passed"],
-                      "why": checks[-1]["why"] if checks else "no check ran"} if gate else {})})
+        verdict = {"passed": gate["passed"], "why": checks[-1]["why"] if checks else "no check ran"} if gate else {}
+        draws.append({"sft_seed": seed, "weights_sha256": summary["weights_sha256"],
+                      "torch_cpu_capability": summary["machine"]["torch_cpu_capability"], "checks": checks, **verdict})
         if not gate or gate["passed"]:
             break
         print(f"[sft] draw {draw + 1} (sft.seed={seed}) missed the skill gate: {draws[-1]['why']}", file=sys.stderr)
     return draws
-
-
-def machine() -> dict:
-    """What the float32 CPU training ran on. One seed gave different SFT draws in different
-    sessions; differing torch CPU kernels (AVX2 vs AVX-512 rounding) are the suspected cause (not
-    confirmed), so draws are compared only with this recorded."""
-    import platform
-
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return {"cpu": names[0] if names else platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def curve(summary: dict) -> dict[str, list[float]]:
@@ -307,8 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = results_of(curves, timings)
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
     results["warm_start"]["draws"] = draws
+    from cluster.sft import weights_digest
+
+    results["warm_start"]["weights_sha256"] = weights_digest(sft_dir / "hf")  # also when --skip-sft reused one
     results["config"] = {"preset": args.config, "overrides": args.overrides}
-    results["machine"] = machine()
+    from cluster.runtime import machine_info
+
+    results["machine"] = machine_info()
     plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
     results["plot"] = str(plot_path)
     json_path = Path(args.json).resolve() if args.json else workdir / "learning.json"

@@ -6,6 +6,7 @@ must be in each actor's runtime_env before the actor imports them. Nothing here 
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 
 
@@ -55,3 +56,17 @@ def apply_env(env: dict[str, str]) -> None:
     """Set `env` in this process without overriding what the user set explicitly."""
     for key, value in env.items():
         os.environ.setdefault(key, value)
+
+
+def machine_info() -> dict:
+    """What this process's float32 CPU math ran on. One seed gives the same weights, bit for bit,
+    on one machine and software; torch's kernels for another CPU capability (AVX2, AVX-512, or
+    ATEN_CPU_CAPABILITY=default) round differently, and over hundreds of optimizer steps that
+    gives another model (README, "Learning demonstration"). So runs are compared with this recorded."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return {"cpu": names[0] if names else platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -100,6 +100,7 @@ def weights_digest(hf_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.run import prepare, resolve_model, start_ray
+    from cluster.runtime import machine_info
 
     args = parse_args(argv)
     config = prepare(args.config, args.overrides)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         "run_id": tracker.run_id, "tracking_uri": config.tracking.tracking_uri, "base_model": model_path,
-        "model": str(hf_dir.resolve()), "weights_sha256": weights_digest(hf_dir),
+        "model": str(hf_dir.resolve()), "weights_sha256": weights_digest(hf_dir), "machine": machine_info(),
         "examples": len(examples), "kinds": kinds, "skipped_too_long": len(too_long),
         "steps": len(history), "steps_per_epoch": per_epoch, "epochs": sft.epochs,
         "epochs_trained": history[-1]["epoch"] + 1, "lr": sft.lr,

@@ -92,7 +92,9 @@ def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path,
         seeds.append(int(arguments[-1].removeprefix("sft.seed=")))
         verdict = "short" if len(seeds) == 1 else "passed"
         check = {"epoch": 4, "step": 512, "reading": 0.8, "verdict": verdict, "why": f"{verdict} why"}
-        (workdir / "sft.json").write_text(json.dumps({"skill_gate": {"passed": verdict == "passed", "checks": [check]}}))
+        (workdir / "sft.json").write_text(json.dumps({
+            "skill_gate": {"passed": verdict == "passed", "checks": [check]},
+            "weights_sha256": f"digest-{len(seeds)}", "machine": {"torch_cpu_capability": "AVX2"}}))
         if verdict != "passed":
             raise learning.StageFailed("gate", GATE_FAILED)
         return 1.0
@@ -101,6 +103,8 @@ def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path,
     draws = learning.warm_start("zoom-curiosity", ["seed=3", "sft.skill_gate.min_reading=0.9"], tmp_path, 3, {})
     assert seeds == [3, 1003] and [d["passed"] for d in draws] == [False, True]
     assert draws[0]["why"] == "short why" and draws[1]["sft_seed"] == 1003
+    assert [d["weights_sha256"] for d in draws] == ["digest-1", "digest-2"]  # which weights each draw made
+    assert draws[1]["torch_cpu_capability"] == "AVX2"
 
     seeds.clear()  # any other failure is not a draw to retry
     monkeypatch.setattr(learning, "run_stage", lambda *a: (_ for _ in ()).throw(learning.StageFailed("crash", 1)))

@@ -143,6 +143,7 @@ def test_sft_stops_at_the_first_epoch_passing_its_skill_gate_and_fails_when_none
     assert result.returncode == 0, result.stderr[-3000:]
     assert again["weights_sha256"] == summary["weights_sha256"]
     assert len(summary["weights_sha256"]) == 64 and again["first_loss"] == summary["first_loss"]
+    assert summary["machine"]["torch_cpu_capability"] == again["machine"]["torch_cpu_capability"] != ""
 
     # a box share of 100% on fresh examples is out of reach of 4 steps: checked after epochs 1 and 2,
     # missed, exit code 3 with the reason; the model is still written
