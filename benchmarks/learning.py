@@ -293,13 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
         curves[name] = curve(json.loads(summary_path.read_text()))
     results = results_of(curves, timings)
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
-    results["warm_start"]["draws"] = draws
+    from cluster.runtime import machine_info
     from cluster.sft import weights_digest
 
-    results["warm_start"]["weights_sha256"] = weights_digest(sft_dir / "hf")  # also when --skip-sft reused one
+    results["warm_start"]["draws"] = draws
+    # the SFT stage digested its weights; a warm start reused with --skip-sft is digested here
+    results["warm_start"]["weights_sha256"] = draws[-1]["weights_sha256"] if draws else weights_digest(sft_dir / "hf")
     results["config"] = {"preset": args.config, "overrides": args.overrides}
-    from cluster.runtime import machine_info
-
     results["machine"] = machine_info()
     plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
     results["plot"] = str(plot_path)
