@@ -20,6 +20,8 @@ Both RL runs evaluate the held-out split greedily before the first step and ever
 without curiosity, RaPR at the end of each, and the issue's goals; the plot (PNG, also logged to
 MLflow with the JSON in a "learning-summary" run) shows held-out accuracy and RaPR per step for
 both runs, plus the training batches' accuracy and RaPR. Extra `key.path=value` overrides go to every stage.
+`--rl-seeds 0,1,2,3` runs the RL pair once per RL seed (`seed=S`) from the one warm start and
+reports how many seeds met each goal (benchmarks/learning_rates.py): one draw decides little here.
 """
 from __future__ import annotations
 
@@ -35,10 +37,22 @@ from statistics import fmean
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.learning_rates import across_seeds, format_rates_table, plot_seeds  # noqa: E402
+
 PRESET = "zoom-curiosity"
 RUNS = (("curiosity", []), ("no-curiosity", ["reward.curiosity.alpha=0"]))
 GOAL_LIFT = 0.15  # RL with curiosity over warm start alone, held-out accuracy
 GOAL_RAPR = 0.3
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return seeds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-sft", action="store_true", help="reuse <workdir>/sft/hf from an earlier run")
     parser.add_argument("--draws", type=int, default=1,
                         help="SFT draws to try until one passes sft.skill_gate (default: %(default)s)")
+    parser.add_argument("--rl-seeds", type=seed_list, metavar="S,S,...",
+                        help="run the RL pair once per RL seed from the same warm start and report goal rates")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every stage, e.g. steps=20")
     return parser.parse_args(argv)
 
@@ -106,6 +122,21 @@ def warm_start(config: str, overrides: list[str], workdir: Path, max_draws: int,
             break
         print(f"[sft] draw {draw + 1} (sft.seed={seed}) missed the skill gate: {draws[-1]['why']}", file=sys.stderr)
     return draws
+
+
+def rl_pair(config: str, overrides: list[str], warm_start_dir: Path, workdir: Path, suffix: str,
+            timings: dict) -> dict[str, dict]:
+    """Stages 2 and 3: RL with curiosity and with alpha = 0 from the warm start; their curves.
+    `suffix` keeps the files (and MLflow run names) of several RL seeds apart."""
+    curves = {}
+    for name, extra in RUNS:
+        summary_path = workdir / f"rl-{name}{suffix}.json"
+        timings[name] = run_stage(f"{name}{suffix}", "cluster.run", [
+            "--config", config, "--summary-json", str(summary_path), f"model.path={warm_start_dir}",
+            f"tracking.run_name={name}{suffix}", f"checkpoint.directory={workdir / 'checkpoints' / (name + suffix)}",
+            *overrides, *extra], workdir)
+        curves[name] = curve(json.loads(summary_path.read_text()))
+    return curves
 
 
 def curve(summary: dict) -> dict[str, list[float]]:
@@ -174,13 +205,10 @@ def hit_rate_trend(c: dict, key: str = "train_crop_hit_rate") -> tuple[float, fl
     return (fmean(first), fmean(last)) if len(first) >= enough and len(last) >= enough else None
 
 
-def format_table(results: dict) -> str:
-    rows = [("warm start (SFT)", results["warm_start"]["accuracy"], results["warm_start"]["rapr"]),
-            ("RL with curiosity", results["final"]["curiosity"]["accuracy"], results["final"]["curiosity"]["rapr"]),
-            ("RL, alpha = 0", results["final"]["no-curiosity"]["accuracy"], results["final"]["no-curiosity"]["rapr"])]
-    lines = [f"{'held-out (greedy)':<22}{'accuracy':>10}{'RaPR':>8}"]
-    lines += [f"{name:<22}{accuracy:>10.3f}{rapr:>8.3f}" for name, accuracy, rapr in rows]
-    skills = results["warm_start"].get("skills")
+def format_warm_start(warm_start: dict) -> str:
+    """The warm start's skills (teacher-forced probe) and its SFT draws' skill-gate verdicts."""
+    lines = []
+    skills = warm_start.get("skills")
     if skills:
         reading, localization = skills["reading"], skills["localization"]
         lines.append(f"warm start, teacher-forced: reads {reading['accuracy']:.0%} of {reading['count']} close-ups"
@@ -188,11 +216,22 @@ def format_table(results: dict) -> str:
                         f"crops (boxes holding the square: {localization['holds_square']:.0%})" if localization else "")
                      + (f"; after its own zoom reads {skills['reading_after_zoom']['accuracy']:.0%}"
                         if "reading_after_zoom" in skills else ""))
-    for draw in results["warm_start"].get("draws", []):
+    for draw in warm_start.get("draws", []):
         if draw["checks"]:
             last = draw["checks"][-1]
             lines.append(f"skill gate, sft.seed={draw['sft_seed']}: {last['verdict']} at epoch {last['epoch']:g} ({last['why']}; "
                          f"checked epochs {', '.join(format(c['epoch'], 'g') for c in draw['checks'])})")
+    return "\n".join(lines)
+
+
+def format_table(results: dict) -> str:
+    rows = [("warm start (SFT)", results["warm_start"]["accuracy"], results["warm_start"]["rapr"]),
+            ("RL with curiosity", results["final"]["curiosity"]["accuracy"], results["final"]["curiosity"]["rapr"]),
+            ("RL, alpha = 0", results["final"]["no-curiosity"]["accuracy"], results["final"]["no-curiosity"]["rapr"])]
+    lines = [f"{'held-out (greedy)':<22}{'accuracy':>10}{'RaPR':>8}"]
+    lines += [f"{name:<22}{accuracy:>10.3f}{rapr:>8.3f}" for name, accuracy, rapr in rows]
+    warm_start = format_warm_start(results["warm_start"])
+    lines += [warm_start] if warm_start else []
     for name, c in results["curves"].items():
         split = early_split(c)
         if split:
@@ -257,9 +296,17 @@ def log_to_mlflow(workdir: Path, config_name: str, results: dict, plot_path: Pat
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(tracking.experiment)
     with mlflow.start_run(run_name="learning-summary") as run:
-        mlflow.log_metrics({"warm_start/accuracy": results["warm_start"]["accuracy"], "lift": results["lift"],
-                            **{f"{name}/{k}": v for name, final in results["final"].items() for k, v in final.items()}})
+        if "rates" in results:  # several RL seeds: how many met each goal
+            rates = results["rates"]
+            mlflow.log_metrics({"seeds": rates["seeds"], "all_goals_met": rates["all_goals_met"],
+                                **{f"lift/{k}": v for k, v in rates["lift"].items()},
+                                **{f"seed{seed}/lift": r["lift"] for seed, r in results["per_seed"].items()}})
+        else:
+            mlflow.log_metrics({"warm_start/accuracy": results["warm_start"]["accuracy"], "lift": results["lift"],
+                                **{f"{name}/{k}": v for name, final in results["final"].items() for k, v in final.items()}})
         mlflow.log_artifact(str(plot_path))
+        for seed_results in results.get("per_seed", {}).values():
+            mlflow.log_artifact(seed_results["plot"])
         mlflow.log_artifact(str(json_path))
         return run.info.run_id
 
@@ -283,15 +330,18 @@ def main(argv: list[str] | None = None) -> dict:
     # the warm start's two skills, teacher-forced (cluster/skill_probe.py): what the lift depends on
     timings["probe"] = run_stage("probe", "cluster.skill_probe", [
         str(sft_dir / "hf"), "--config", config, "--json", str(workdir / "probe.json"), *args.overrides], workdir)
-    curves = {}
-    for name, extra in RUNS:
-        summary_path = workdir / f"rl-{name}.json"
-        timings[name] = run_stage(name, "cluster.run", [
-            "--config", config, "--summary-json", str(summary_path), f"model.path={sft_dir / 'hf'}",
-            f"tracking.run_name={name}", f"checkpoint.directory={workdir / 'checkpoints' / name}",
-            *args.overrides, *extra], workdir)
-        curves[name] = curve(json.loads(summary_path.read_text()))
-    results = results_of(curves, timings)
+    if args.rl_seeds is None:
+        curves = rl_pair(config, args.overrides, sft_dir / "hf", workdir, "", timings)
+        results = results_of(curves, timings)
+    else:
+        per_seed = {}
+        for seed in args.rl_seeds:
+            seed_timings: dict[str, float] = {}
+            per_seed[str(seed)] = results_of(
+                rl_pair(config, [*args.overrides, f"seed={seed}"], sft_dir / "hf", workdir, f"-seed{seed}", seed_timings),
+                seed_timings)
+            timings.update({f"{stage}-seed{seed}": seconds for stage, seconds in seed_timings.items()})
+        results = {"warm_start": {}, "per_seed": per_seed, "rates": across_seeds(per_seed), "wall_s": timings}
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
     from cluster.runtime import machine_info
     from cluster.sft import weights_digest
@@ -301,13 +351,25 @@ def main(argv: list[str] | None = None) -> dict:
     results["warm_start"]["weights_sha256"] = draws[-1]["weights_sha256"] if draws else weights_digest(sft_dir / "hf")
     results["config"] = {"preset": args.config, "overrides": args.overrides}
     results["machine"] = machine_info()
-    plot_path = plot(curves, Path(args.plot).resolve() if args.plot else workdir / "learning.png")
+    plot_path = Path(args.plot).resolve() if args.plot else workdir / "learning.png"
+    if args.rl_seeds is None:
+        plot(curves, plot_path)
+    else:
+        plot_seeds(results["per_seed"], plot_path)
+        for seed, seed_results in results["per_seed"].items():  # each pair in full, beside the overview
+            seed_results["plot"] = str(plot(seed_results["curves"], plot_path.with_name(f"{plot_path.stem}-seed{seed}.png")))
     results["plot"] = str(plot_path)
     json_path = Path(args.json).resolve() if args.json else workdir / "learning.json"
     json_path.write_text(json.dumps(results, indent=2))
     results["mlflow_run_id"] = log_to_mlflow(workdir, config, results, plot_path, json_path)
     json_path.write_text(json.dumps(results, indent=2))
-    print(format_table(results))
+    if args.rl_seeds is None:
+        print(format_table(results))
+    else:  # each seed's pair in full (whether zooming paid early, how the boxes moved), then the rates
+        for seed, seed_results in results["per_seed"].items():
+            print(f"--- RL seed {seed} ---\n{format_table(seed_results)}")
+        print(f"--- {len(args.rl_seeds)} RL seeds ---\n{format_warm_start(results['warm_start'])}\n"
+              + format_rates_table(results["per_seed"], results["rates"]))
     print(f"plot: {plot_path}\njson: {json_path}")
     return results
 

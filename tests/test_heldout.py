@@ -1,4 +1,6 @@
 """Held-out scoring inside an RL run (cluster/heldout.py) and the learning benchmark's report."""
+from pathlib import Path
+
 import pytest
 
 from benchmarks.learning import early_split, format_table, hit_rate_trend, results_of
@@ -110,3 +112,68 @@ def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path,
     monkeypatch.setattr(learning, "run_stage", lambda *a: (_ for _ in ()).throw(learning.StageFailed("crash", 1)))
     with pytest.raises(learning.StageFailed, match="crash"):
         learning.warm_start("zoom-curiosity", [], tmp_path, 3, {})
+
+
+def test_learning_over_rl_seeds_reports_how_many_seeds_met_each_goal(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.learning as learning
+
+    stages = []
+
+    def fake_stage(name, module, arguments, workdir):  # seed 1 traps and lifts; seed 2 keeps zooming without the bonus
+        stages.append((name, arguments))
+        if module == "cluster.sft":
+            (workdir / "sft.json").write_text(json.dumps({"weights_sha256": "digest", "machine": {"torch_cpu_capability": "AVX2"}}))
+        elif module == "cluster.skill_probe":
+            (workdir / "probe.json").write_text(json.dumps({"reading": {"accuracy": 1.0, "count": 4}, "localization": None}))
+        else:
+            seed = int(next(a for a in arguments if a.startswith("seed=")).removeprefix("seed="))
+            alpha0 = arguments[-1] == "reward.curiosity.alpha=0"
+            final = {(1, False): (0.8, 1.0), (1, True): (0.5, 0.0), (2, False): (0.6, 1.0), (2, True): (0.6, 1.0)}[seed, alpha0]
+            summary_path = Path(arguments[arguments.index("--summary-json") + 1])
+            summary_path.write_text(json.dumps({
+                "evaluations": [{"steps_done": 0, "eval/accuracy": 0.5, "eval/rapr": 0.0},
+                                {"steps_done": 5, "eval/accuracy": final[0], "eval/rapr": final[1]}],
+                "history": [{"step": 4, "metrics": {"rollout/rapr": final[1], "reward/accuracy": final[0]}}]}))
+        return 2.0
+
+    monkeypatch.setattr(learning, "run_stage", fake_stage)
+    monkeypatch.setattr(learning, "log_to_mlflow", lambda *a: "run-id")
+    results = learning.main(["--workdir", str(tmp_path), "--rl-seeds", "1,2", "steps=5"])
+
+    sft_arguments = stages[0][1]
+    assert stages[0][0] == "sft" and not any(a.startswith("seed=") for a in sft_arguments)  # one warm start for all
+    rl_names = [name for name, _ in stages[2:]]
+    assert rl_names == ["curiosity-seed1", "no-curiosity-seed1", "curiosity-seed2", "no-curiosity-seed2"]
+    assert results["rates"]["seeds"] == 2 and results["rates"]["all_goals_met"] == 1
+    assert results["rates"]["lift"] == {"mean": pytest.approx(0.2), "min": pytest.approx(0.1), "max": pytest.approx(0.3)}
+    assert list(results["rates"]["goals_met"].values()) == [1, 2, 1]  # lift >= 15, RaPR kept, alpha 0 below
+    assert results["warm_start"]["weights_sha256"] == "digest"
+    written = json.loads((tmp_path / "learning.json").read_text())
+    assert written["per_seed"]["2"]["final"]["no-curiosity"]["rapr"] == 1.0
+    assert (tmp_path / "learning.png").exists() and (tmp_path / "learning-seed1.png").exists()
+
+
+def test_rl_seeds_must_be_distinct_integers(capsys):
+    from benchmarks.learning import parse_args
+
+    assert parse_args(["--rl-seeds", "0,3"]).rl_seeds == [0, 3]
+    for bad in ("0,x", "1,1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--rl-seeds", bad])
+        assert "--rl-seeds" in capsys.readouterr().err
+
+
+def test_the_rates_table_counts_seeds_per_goal():
+    from benchmarks.learning_rates import across_seeds, format_rates_table
+
+    per_seed = {"0": results_of({"curiosity": curve([0.5, 0.8], [0.0, 1.0]), "no-curiosity": curve([0.5, 0.5], [0.0, 0.0])}, {}),
+                "1": results_of({"curiosity": curve([0.5, 0.5], [0.0, 0.0]), "no-curiosity": curve([0.5, 0.5], [0.0, 0.0])}, {})}
+    rates = across_seeds(per_seed)
+    table = format_rates_table(per_seed, rates)
+    assert "all goals met together: 1 of 2 seeds" in table
+    assert "[1 of 2 seeds] curiosity run keeps RaPR >= 0.3" in table
+    assert "mean +15.0 points (min +0.0, max +30.0)" in table
+    with pytest.raises(ValueError):
+        across_seeds({})
