@@ -139,7 +139,7 @@ def test_learning_over_rl_seeds_reports_how_many_seeds_met_each_goal(tmp_path, m
         return 2.0
 
     monkeypatch.setattr(learning, "run_stage", fake_stage)
-    monkeypatch.setattr(learning, "log_to_mlflow", lambda *a: "run-id")
+    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts under the current folder
     results = learning.main(["--workdir", str(tmp_path), "--rl-seeds", "1,2", "steps=5"])
 
     sft_arguments = stages[0][1]
@@ -153,6 +153,14 @@ def test_learning_over_rl_seeds_reports_how_many_seeds_met_each_goal(tmp_path, m
     written = json.loads((tmp_path / "learning.json").read_text())
     assert written["per_seed"]["2"]["final"]["no-curiosity"]["rapr"] == 1.0
     assert (tmp_path / "learning.png").exists() and (tmp_path / "learning-seed1.png").exists()
+
+    import mlflow  # the summary run in the stages' own store: the rates, and every plot
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(results["mlflow_run_id"])
+    assert run.data.metrics["all_goals_met"] == 1 and run.data.metrics["seed2/lift"] == pytest.approx(0.1)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning.png", "learning-seed1.png", "learning-seed2.png", "learning.json"} <= artifacts
 
 
 def test_rl_seeds_must_be_distinct_integers(capsys):
