@@ -45,14 +45,15 @@ def format_rates_table(per_seed: dict[str, dict], rates: dict) -> str:
 
 
 def plot_seeds(per_seed: dict[str, dict], path: Path) -> Path:
-    """Held-out accuracy and RaPR per step: one colour per RL seed, solid with curiosity, dashed
+    """Held-out accuracy and RaPR per step, and the training batches' RaPR (sampled: there the
+    greedy curves' overlapping runs part): one colour per RL seed, solid with curiosity, dashed
     without."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy, rapr) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    figure, (accuracy, rapr, sampled) = plt.subplots(1, 3, figsize=(17, 4), constrained_layout=True)
     colours = plt.get_cmap("tab10")
     for index, (seed, results) in enumerate(per_seed.items()):
         for name, style in (("curiosity", "o-"), ("no-curiosity", "x--")):
@@ -60,8 +61,10 @@ def plot_seeds(per_seed: dict[str, dict], path: Path) -> Path:
             label = f"seed {seed}, {'curiosity' if name == 'curiosity' else 'alpha = 0'}"
             accuracy.plot(c["eval_steps"], c["eval_accuracy"], style, color=colours(index % 10), label=label)
             rapr.plot(c["eval_steps"], c["eval_rapr"], style, color=colours(index % 10), label=label)
+            sampled.plot(c["train_steps"], c["train_rapr"], style[1:], color=colours(index % 10), label=label)
     accuracy.set(title="held-out accuracy (greedy)", xlabel="RL step", ylabel="accuracy", ylim=(-0.02, 1.02))
     rapr.set(title="held-out RaPR (greedy)", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
+    sampled.set(title="training batches' RaPR (sampled)", xlabel="RL step", ylabel="RaPR", ylim=(-0.02, 1.02))
     accuracy.legend(fontsize=7, ncol=2)
     figure.savefig(path, dpi=110)
     plt.close(figure)
