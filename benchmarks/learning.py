@@ -339,8 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed_timings: dict[str, float] = {}
             per_seed[str(seed)] = results_of(
                 rl_pair(config, [*args.overrides, f"seed={seed}"], sft_dir / "hf", workdir, f"-seed{seed}", seed_timings),
-                seed_timings)
-            timings.update({f"{stage}-seed{seed}": seconds for stage, seconds in seed_timings.items()})
+                seed_timings)  # each seed's RL timings stay in its own "wall_s"
         results = {"warm_start": {}, "per_seed": per_seed, "rates": across_seeds(per_seed), "wall_s": timings}
     results["warm_start"]["skills"] = json.loads((workdir / "probe.json").read_text())
     from cluster.runtime import machine_info

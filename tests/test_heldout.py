@@ -152,6 +152,9 @@ def test_learning_over_rl_seeds_reports_how_many_seeds_met_each_goal(tmp_path, m
     assert results["warm_start"]["weights_sha256"] == "digest"
     written = json.loads((tmp_path / "learning.json").read_text())
     assert written["per_seed"]["2"]["final"]["no-curiosity"]["rapr"] == 1.0
+    # the warm start's timings at the top, each seed's RL timings under that seed only
+    assert set(written["wall_s"]) == {"sft", "probe"}
+    assert set(written["per_seed"]["1"]["wall_s"]) == {"curiosity", "no-curiosity"}
     assert (tmp_path / "learning.png").exists() and (tmp_path / "learning-seed1.png").exists()
 
     import mlflow  # the summary run in the stages' own store: the rates, and every plot
