@@ -198,6 +198,9 @@ class SFTConfig(Section):
     num_traces: int = Field(default=128, ge=1)  # generated traces for the built-in synthetic task
     self_correction_fraction: float = Field(default=0.3, ge=0, le=1)  # traces that err first, then fix
     direct_fraction: float = Field(default=0.0, ge=0, le=1)  # traces that answer without a visual operation
+    # what they answer: "task", the example's own (unseen) answer, so the model guesses as the
+    # answers fall; "likeliest", the answer data.synthetic.prior_fraction favours
+    direct_answers: Literal["task", "likeliest"] = "task"
     closeup_fraction: float = Field(default=0.0, ge=0, le=1)  # perception examples: a close-up and its answer
     misdirected_fraction: float = Field(default=0.0, ge=0, le=1)  # plain zoom traces that crop a miss, then guess
     misdirected_crops: Literal["cell", "random"] = "random"  # the miss: a small box anywhere, or another cell
@@ -258,6 +261,9 @@ class PixelRayConfig(Section):
         if gate and (self.sft.data_path or self.data.train_path):
             raise ValueError("sft.skill_gate probes the built-in synthetic task: it needs sft.data_path and "
                              "data.train_path unset")
+        if self.sft.direct_answers == "likeliest" and self.data.synthetic.prior_fraction is None:
+            raise ValueError("sft.direct_answers='likeliest' needs data.synthetic.prior_fraction (uniform answers "
+                             "have no likeliest one)")
         if gate and gate.box_range and not self.data.synthetic.region_hint:
             raise ValueError("sft.skill_gate.box_range needs data.synthetic.region_hint (a named cell to crop)")
         if gate and gate.first_check_epoch > self.sft.epochs:

@@ -57,7 +57,8 @@ def build_examples(config: PixelRayConfig, model_path: str):
     return synthetic_zoom_traces(tokenizer, config.data.synthetic, sft.num_traces, budgets,
                                  sft.self_correction_fraction, seed=sft_seed(config), direct_fraction=sft.direct_fraction,
                                  closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers,
-                                 misdirected_fraction=sft.misdirected_fraction, misdirected_crops=sft.misdirected_crops)
+                                 misdirected_fraction=sft.misdirected_fraction, misdirected_crops=sft.misdirected_crops,
+                                 direct_answers=sft.direct_answers)
 
 
 def sft_seed(config: PixelRayConfig) -> int:

@@ -33,7 +33,8 @@ from PIL import Image
 from policies.batching import TrainSample
 from policies.episode import IMAGE_PLACEHOLDER, derive_seed, observation_token_ids, prompt_token_ids
 from policies.protocol import CROP_TOOL, TOOL_SYSTEM_PROMPT, SelectFramesCall, parse_tool_call
-from policies.synthetic import REGIONS, SyntheticZoomSpec, ZoomExample, closeup_question, draw_example, region_box
+from policies.synthetic import (REGIONS, SyntheticZoomSpec, ZoomExample, closeup_question, draw_example,
+                                likeliest_answer, region_box)
 from policies.visual_ops import ImageRole, Observation, PixelBudgets, resize_to_budget, run_turn
 
 logger = logging.getLogger(__name__)
@@ -354,6 +355,7 @@ def synthetic_zoom_traces(
     closeup_answers: Literal["uniform", "task"] = "uniform",
     misdirected_fraction: float = 0.0,
     misdirected_crops: Literal["cell", "random"] = "random",
+    direct_answers: Literal["task", "likeliest"] = "task",
 ) -> list[SFTExample]:
     """`count` tool-use traces on freshly drawn images of the synthetic task (same spec as the RL
     data, a different random stream, so the held-out split stays unseen).
@@ -365,7 +367,11 @@ def synthetic_zoom_traces(
     misses the square ("zoom_miss": another cell under region_hint), half by a malformed call that
     returns an "Execution error" ("zoom_error"); then the text of the fix, the right crop, its
     observation, the answer. A `direct_fraction` of the traces answer at once without any tool call
-    ("direct"), like the text-only reasoning of the paper's warm-start data. A `closeup_fraction`
+    ("direct"), like the text-only reasoning of the paper's warm-start data. Their answers
+    (`direct_answers`): "task", the example's own answer, which the model cannot see, so it learns
+    to guess as the task's answers fall (sampled, a guess is right sum(p^2) of the time: 37% under
+    a 55% prior over four options); "likeliest", the answer the prior favours, as a model leaning
+    on a language prior answers (right as often as the prior, 55%). A `closeup_fraction`
     are perception examples ("closeup"): the prompt's only image is the crop of the square's region,
     at the crop budget, and the answer follows at once. They stand in for the perception pretraining
     a real VLM brings: a random tiny model learns to read the pattern from them in a few hundred
@@ -393,6 +399,9 @@ def synthetic_zoom_traces(
         raise ValueError(f"closeup_answers must be 'uniform' or 'task', not {closeup_answers!r}")
     if misdirected_crops not in ("cell", "random"):
         raise ValueError(f"misdirected_crops must be 'cell' or 'random', not {misdirected_crops!r}")
+    if direct_answers not in ("task", "likeliest"):
+        raise ValueError(f"direct_answers must be 'task' or 'likeliest', not {direct_answers!r}")
+    guess = likeliest_answer(spec) if direct_answers == "likeliest" and direct_fraction else None
     closeup_spec = spec.model_copy(update={"prior_fraction": None}) if closeup_answers == "uniform" else spec
     rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(exclude={"num_train", "num_eval"}), seed))
     examples = []
@@ -408,12 +417,13 @@ def synthetic_zoom_traces(
             kind = "closeup"
         example = draw_example(closeup_spec if kind == "closeup" else spec, rng)
         examples.append(_zoom_trace(tokenizer, example, spec, budgets, kind, rng, qid=f"sft-zoom-{seed}-{index:05d}",
-                                    misdirected_crops=misdirected_crops))
+                                    misdirected_crops=misdirected_crops, guess=guess))
     return examples
 
 
 def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budgets: PixelBudgets,
-                kind: str, rng: random.Random, qid: str, misdirected_crops: str = "random") -> SFTExample:
+                kind: str, rng: random.Random, qid: str, misdirected_crops: str = "random",
+                guess: str | None = None) -> SFTExample:
     original, colour, gold = example.image, example.answer, example.gold_box
     gold_pixels = _pixel_box(gold, original.size)
     metadata: dict[str, Any] = {"colour": colour, "gold_box": list(gold)}
@@ -438,8 +448,8 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
         sources.extend(observation.full_images)
         return observation
 
-    if kind == "direct":
-        builder.assistant(answer_text(colour))
+    if kind == "direct":  # `guess`: the answer a model that does not look gives, else the example's own
+        builder.assistant(answer_text(guess or colour))
         return builder.finish(qid=qid, kind=kind, metadata=metadata)
     opener = rng.choice(OPENERS)
     miss = None

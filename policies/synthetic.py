@@ -108,6 +108,15 @@ def answer_options(spec: SyntheticZoomSpec) -> tuple[str, ...]:
     return PATTERNS if spec.detail == "pattern" else tuple(sorted(COLOURS))
 
 
+def likeliest_answer(spec: SyntheticZoomSpec) -> str:
+    """The answer a model that does not look should give: the one `prior_fraction` favours (when the
+    favoured one is rarer than the rest, each of the rest; the first of them)."""
+    options = answer_options(spec)
+    if spec.prior_fraction is None:
+        raise ValueError("the likeliest answer needs data.synthetic.prior_fraction: uniform answers have none")
+    return options[0] if spec.prior_fraction >= 1 / len(options) else options[1]
+
+
 def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
     """One example: image, answer, normalized gold box, question (and the hinted cell)."""
     from PIL import Image, ImageDraw

@@ -43,6 +43,13 @@ def test_bad_values_fail_with_the_field_named(override, field):
         load_config(None, [override])
 
 
+def test_guessing_the_likeliest_answer_needs_an_answer_prior():
+    with pytest.raises(ConfigError, match=r"sft\.direct_answers"):
+        load_config(None, ["sft.direct_answers=likeliest"])  # the default task's answers are uniform
+    config = load_config("zoom-curiosity", ["sft.direct_answers=likeliest"])
+    assert config.sft.direct_answers == "likeliest"
+
+
 def test_override_without_equals_sign_is_rejected():
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(None, ["trainer.lr"])

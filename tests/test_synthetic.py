@@ -130,6 +130,26 @@ def test_closeup_examples_show_a_crop_as_the_only_image_and_answer_at_once(tiny_
         assert tokenizer.decode(example.token_ids).count("close-up") == 1
 
 
+def test_direct_traces_guess_the_likeliest_answer_when_asked_and_nothing_else_changes(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = SPEC.model_copy(update={"prior_fraction": 0.55})
+    traces = {answers: synthetic_zoom_traces(tokenizer, spec, 60, BUDGETS, self_correction_fraction=0.2, seed=2,
+                                             direct_fraction=0.5, direct_answers=answers)
+              for answers in ("task", "likeliest")}
+    direct = [e for e in traces["likeliest"] if e.kind == "direct"]
+    assert len(direct) > 15 and any(e.metadata["colour"] != PATTERNS[0] for e in direct)  # their images vary
+    assert all(e.assistant_text.endswith("\\boxed{%s}" % PATTERNS[0]) for e in direct)
+    for task, likeliest in zip(traces["task"], traces["likeliest"]):  # the same draw: only the guesses differ
+        assert task.kind == likeliest.kind and task.metadata == likeliest.metadata
+        assert task.assistant_text.endswith("\\boxed{%s}" % task.metadata["colour"])
+        if task.kind != "direct":
+            assert task.token_ids == likeliest.token_ids
+    with pytest.raises(ValueError, match="prior_fraction"):
+        synthetic_zoom_traces(tokenizer, SPEC, 4, BUDGETS, direct_fraction=0.5, direct_answers="likeliest")
+
+
 def test_closeups_answer_uniformly_by_default_and_as_the_task_when_asked(tiny_model_dir):
     from transformers import AutoTokenizer
 
