@@ -176,6 +176,8 @@ def results_of(curves: dict[str, dict], timings: dict[str, float]) -> dict:
         "warm_start": {"accuracy": warm_start, "rapr": with_curiosity["eval_rapr"][0],
                        "accuracy_seen_by_alpha0_run": without["eval_accuracy"][0]},
         "final": final, "lift": lift, "goals": goals, "curves": curves, "wall_s": timings,
+        # whether zooming paid when RL started: what decides the alpha = 0 run (README)
+        "early_split": {name: early_split(c) for name, c in curves.items()},
     }
 
 

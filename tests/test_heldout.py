@@ -186,5 +186,10 @@ def test_the_rates_table_counts_seeds_per_goal():
     assert "all goals met together: 1 of 2 seeds" in table
     assert "[1 of 2 seeds] curiosity run keeps RaPR >= 0.3" in table
     assert "mean +15.0 points (min +0.0, max +30.0)" in table
+    assert table.splitlines()[1].split()[-5] == "-"  # these curves have no with / without split
+    early = {**curve([0.5, 0.5], [0.0, 0.0]), "train_accuracy_pixel_reasoning": [0.6, None],
+             "train_accuracy_text_only": [0.4, 0.5]}
+    per_seed["1"] = results_of({"curiosity": curve([0.5, 0.5], [0.0, 0.0]), "no-curiosity": early}, {})
+    assert "60% / 40%" in format_rates_table(per_seed, across_seeds(per_seed)).splitlines()[2]
     with pytest.raises(ValueError):
         across_seeds({})
