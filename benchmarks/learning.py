@@ -234,8 +234,7 @@ def format_table(results: dict) -> str:
     lines += [f"{name:<22}{accuracy:>10.3f}{rapr:>8.3f}" for name, accuracy, rapr in rows]
     warm_start = format_warm_start(results["warm_start"])
     lines += [warm_start] if warm_start else []
-    for name, c in results["curves"].items():
-        split = early_split(c)
+    for name, split in results["early_split"].items():
         if split:
             lines.append(f"{name}, first {EARLY_STEPS} steps (sampled): answers with a visual operation "
                          f"{split['pixel_reasoning']:.0%} right, without {split['text_only']:.0%}")
