@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -201,6 +201,9 @@ class SFTConfig(Section):
     # what they answer: "task", the example's own (unseen) answer, so the model guesses as the
     # answers fall; "likeliest", the answer data.synthetic.prior_fraction favours
     direct_answers: Literal["task", "likeliest"] = "task"
+    # the traces' answer prior: "task", data.synthetic.prior_fraction; a share (or null, uniform) of
+    # their own, as the paper's SFT data are not its RL data
+    prior_fraction: Annotated[float, Field(ge=0, le=1)] | Literal["task"] | None = "task"
     closeup_fraction: float = Field(default=0.0, ge=0, le=1)  # perception examples: a close-up and its answer
     misdirected_fraction: float = Field(default=0.0, ge=0, le=1)  # plain zoom traces that crop a miss, then guess
     misdirected_crops: Literal["cell", "random"] = "random"  # the miss: a small box anywhere, or another cell
@@ -251,6 +254,13 @@ class PixelRayConfig(Section):
     simulation: SimulationConfig = SimulationConfig()  # used when rollout.engine is "simulated"
     resume: str | None = None  # "auto" = the latest checkpoint in checkpoint.directory, or a path
 
+    def sft_trace_spec(self) -> SyntheticZoomSpec:
+        """The synthetic task the generated SFT traces are drawn from: the RL task's, with the answer
+        prior of `sft.prior_fraction` unless that is "task"."""
+        if self.sft.prior_fraction == "task":
+            return self.data.synthetic
+        return self.data.synthetic.model_copy(update={"prior_fraction": self.sft.prior_fraction})
+
     @model_validator(mode="after")
     def _consistent(self) -> "PixelRayConfig":
         if self.device == "cuda" and (self.rollout.num_gpus == 0 or self.trainer.num_gpus_per_learner == 0):
@@ -261,9 +271,9 @@ class PixelRayConfig(Section):
         if gate and (self.sft.data_path or self.data.train_path):
             raise ValueError("sft.skill_gate probes the built-in synthetic task: it needs sft.data_path and "
                              "data.train_path unset")
-        if self.sft.direct_answers == "likeliest" and self.data.synthetic.prior_fraction is None:
-            raise ValueError("sft.direct_answers='likeliest' needs data.synthetic.prior_fraction (uniform answers "
-                             "have no likeliest one)")
+        if self.sft.direct_answers == "likeliest" and self.sft_trace_spec().prior_fraction is None:
+            raise ValueError("sft.direct_answers='likeliest' needs an answer prior, sft.prior_fraction or "
+                             "data.synthetic.prior_fraction (uniform answers have no likeliest one)")
         if gate and gate.box_range and not self.data.synthetic.region_hint:
             raise ValueError("sft.skill_gate.box_range needs data.synthetic.region_hint (a named cell to crop)")
         if gate and gate.first_check_epoch > self.sft.epochs:

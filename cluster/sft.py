@@ -54,7 +54,7 @@ def build_examples(config: PixelRayConfig, model_path: str):
     if sft.data_path:
         return read_sft_json(sft.data_path, tokenizer, budgets, image_root=sft.image_root,
                              system_prompt=None if sft.keep_data_system_prompt else TOOL_SYSTEM_PROMPT, strict=False)
-    return synthetic_zoom_traces(tokenizer, config.data.synthetic, sft.num_traces, budgets,
+    return synthetic_zoom_traces(tokenizer, config.sft_trace_spec(), sft.num_traces, budgets,
                                  sft.self_correction_fraction, seed=sft_seed(config), direct_fraction=sft.direct_fraction,
                                  closeup_fraction=sft.closeup_fraction, closeup_answers=sft.closeup_answers,
                                  misdirected_fraction=sft.misdirected_fraction, misdirected_crops=sft.misdirected_crops,

@@ -46,8 +46,11 @@ def test_bad_values_fail_with_the_field_named(override, field):
 def test_guessing_the_likeliest_answer_needs_an_answer_prior():
     with pytest.raises(ConfigError, match=r"sft\.direct_answers"):
         load_config(None, ["sft.direct_answers=likeliest"])  # the default task's answers are uniform
+    with pytest.raises(ConfigError, match=r"sft\.direct_answers"):
+        load_config("zoom-curiosity", ["sft.direct_answers=likeliest", "sft.prior_fraction=null"])
     config = load_config("zoom-curiosity", ["sft.direct_answers=likeliest"])
     assert config.sft.direct_answers == "likeliest"
+    assert load_config(None, ["sft.direct_answers=likeliest", "sft.prior_fraction=0.55"]).sft.prior_fraction == 0.55
 
 
 def test_override_without_equals_sign_is_rejected():

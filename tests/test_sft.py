@@ -17,10 +17,31 @@ def test_sft_section_defaults_and_overrides():
     assert (config.sft.epochs, config.sft.lr, config.sft.data_path, config.sft.max_steps) == (2, 1e-6, "sft.json", 3)
 
 
-@pytest.mark.parametrize("override", ["sft.self_correction_fraction=1.5", "sft.epochs=0", "sft.lr=0", "sft.epoch=3"])
+@pytest.mark.parametrize("override", ["sft.self_correction_fraction=1.5", "sft.epochs=0", "sft.lr=0", "sft.epoch=3",
+                                      "sft.prior_fraction=1.5", "sft.prior_fraction=most"])
 def test_bad_sft_values_fail_with_the_field_named(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_the_sft_traces_answer_prior_is_the_tasks_unless_set_apart():
+    assert load_config("zoom-curiosity").sft_trace_spec().prior_fraction == 0.55
+    apart = load_config("zoom-curiosity", ["data.synthetic.prior_fraction=0.6", "sft.prior_fraction=0.55"])
+    assert apart.sft_trace_spec().prior_fraction == 0.55 and apart.data.synthetic.prior_fraction == 0.6
+    assert apart.sft_trace_spec().square_size == apart.data.synthetic.square_size  # only the prior differs
+    assert load_config("zoom-curiosity", ["sft.prior_fraction=null"]).sft_trace_spec().prior_fraction is None
+
+
+def test_sft_traces_keep_their_own_answer_prior_when_the_rl_task_moves(tiny_model_dir):
+    from cluster.sft import build_examples
+
+    traces = ["sft.num_traces=12", "sft.direct_fraction=0.5"]
+    as_task = build_examples(load_config(None, [*traces, "data.synthetic.prior_fraction=0.55"]), tiny_model_dir)
+    set_apart = build_examples(load_config(None, [*traces, "data.synthetic.prior_fraction=0.9",
+                                                  "sft.prior_fraction=0.55"]), tiny_model_dir)
+    moved = build_examples(load_config(None, [*traces, "data.synthetic.prior_fraction=0.9"]), tiny_model_dir)
+    assert [e.token_ids for e in set_apart] == [e.token_ids for e in as_task]  # the same SFT draw
+    assert [e.token_ids for e in moved] != [e.token_ids for e in as_task]
 
 
 @pytest.mark.parametrize("overrides, field", [
