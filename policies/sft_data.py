@@ -326,6 +326,7 @@ OPENERS = (
     "Let me crop the region around the square to see its colour.",
 )
 MISS_TEXT = "The square is not in this crop, let me look elsewhere."
+MISS_TEXT_DISTRACTORS = "This crop is not the part the question names, let me look there."  # it holds another square
 ERROR_TEXT = "The tool call failed, let me fix it."
 ERROR_VARIANTS = ("reversed_box", "missing_image", "pixels_of_full_image")
 
@@ -466,7 +467,7 @@ def _zoom_trace(tokenizer, example: ZoomExample, spec: SyntheticZoomSpec, budget
         if kind == "zoom_misdirected":  # no fix: a guess from a crop that shows nothing
             builder.assistant(answer_text(colour))
             return builder.finish(qid=qid, kind=kind, metadata=metadata)
-        fix = MISS_TEXT
+        fix = MISS_TEXT_DISTRACTORS if spec.distractors else MISS_TEXT
     elif kind in ("zoom_error", "zoom_miss"):
         kind = "zoom_error"
         variant = rng.choice(ERROR_VARIANTS)

@@ -79,6 +79,10 @@ class SyntheticZoomSpec(BaseModel):
     # rest uniform over the others: a prior a model can exploit without looking, like the language
     # priors of real VQA data. None: uniform.
     prior_fraction: float | None = Field(default=None, ge=0, le=1)
+    # Every other grid cell holds a square too, of a pattern (colour) drawn uniformly: a crop of the
+    # wrong cell shows a plain, misleading square instead of nothing, as a zoom into the wrong part
+    # of a real image shows something else. Needs region_hint (the question names the cell).
+    distractors: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -88,6 +92,8 @@ class SyntheticZoomSpec(BaseModel):
         if room < (2 if self.region_hint else 3) * self.square_size:
             raise ValueError(f"square_size {self.square_size} does not fit {'a grid cell' if self.region_hint else 'the canvas'} "
                              f"of {room} px with a margin")
+        if self.distractors and not self.region_hint:
+            raise ValueError("distractors need region_hint: without a named cell the question has no one square")
         return self
 
     def cache_key(self) -> str:
@@ -143,19 +149,17 @@ def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
     cell, question, hinted = None, QUESTION, None
     if spec.region_hint:
         cell = rng.randrange(spec.grid * spec.grid)
-        row, column = divmod(cell, spec.grid)
-        edges = [round(i * size / spec.grid) for i in range(spec.grid + 1)]
-        margin = side // 2  # keep the square clear of the cell's edges
-        x_range = (edges[column] + margin, edges[column + 1] - margin - side)
-        y_range = (edges[row] + margin, edges[row + 1] - margin - side)
+        x_range, y_range = _cell_corner_ranges(spec, cell)
         question = (PATTERN_QUESTION if spec.detail == "pattern" else HINTED_QUESTION).format(region=REGIONS[spec.grid][cell])
         hinted = region_box(spec, cell)
     x0 = rng.randint(*x_range)
     y0 = rng.randint(*y_range)
-    if spec.detail == "pattern":
-        image.paste(pattern_tile(answer, side, spec.pattern_period), (x0, y0))
-    else:
-        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=COLOURS[answer])
+    _paint_square(spec, image, draw, answer, x0, y0)
+    if spec.distractors:
+        for other in range(spec.grid * spec.grid):
+            if other != cell:
+                other_x, other_y = _cell_corner_ranges(spec, other)
+                _paint_square(spec, image, draw, rng.choice(options), rng.randint(*other_x), rng.randint(*other_y))
     if spec.pixel_noise:  # masks the faint residue of a pattern that the view's resize leaves behind
         import numpy as np
 
@@ -163,6 +167,23 @@ def draw_example(spec: SyntheticZoomSpec, rng: random.Random) -> ZoomExample:
         image = Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
     box = [x0 / size, y0 / size, (x0 + side) / size, (y0 + side) / size]
     return ZoomExample(image, answer, box, question, hinted)
+
+
+def _cell_corner_ranges(spec: SyntheticZoomSpec, cell: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where a square's top-left corner may go in grid cell `cell`: half a side clear of its edges."""
+    row, column = divmod(cell, spec.grid)
+    edges = [round(i * spec.canvas_size / spec.grid) for i in range(spec.grid + 1)]
+    margin = spec.square_size // 2
+    return ((edges[column] + margin, edges[column + 1] - margin - spec.square_size),
+            (edges[row] + margin, edges[row + 1] - margin - spec.square_size))
+
+
+def _paint_square(spec: SyntheticZoomSpec, image, draw, answer: str, x0: int, y0: int) -> None:
+    side = spec.square_size
+    if spec.detail == "pattern":
+        image.paste(pattern_tile(answer, side, spec.pattern_period), (x0, y0))
+    else:
+        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=COLOURS[answer])
 
 
 def pattern_tile(pattern: str, side: int, period: int, taper: int = 8):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from policies.sft_data import MISS_TEXT, synthetic_zoom_traces
+from policies.sft_data import MISS_TEXT, MISS_TEXT_DISTRACTORS, synthetic_zoom_traces
 from policies.synthetic import PATTERNS, REGIONS, SyntheticZoomSpec, draw_example, pattern_tile, region_box
 from policies.visual_ops import PixelBudgets, resize_to_budget, run_turn
 
@@ -55,6 +55,42 @@ def test_defaults_keep_the_original_task():
     example = draw_example(SyntheticZoomSpec(), random.Random(3))
     assert example.region_box is None and "colour" in example.question
     assert np.asarray(example.image)[..., 0].std() > 0
+
+
+def _cells_with_a_square(spec, image) -> list[int]:
+    """Grid cells whose pixels reach black: only a square's stripes do (the background and its noise stay grey)."""
+    pixels, step = np.asarray(image, dtype=int), spec.canvas_size // spec.grid
+    return [cell for cell in range(spec.grid * spec.grid)
+            if pixels[(cell // spec.grid) * step:(cell // spec.grid + 1) * step,
+                      (cell % spec.grid) * step:(cell % spec.grid + 1) * step].min() < 10]
+
+
+def test_distractors_put_a_square_in_every_other_cell_and_leave_the_question_as_it_was():
+    with_them = SPEC.model_copy(update={"distractors": True})
+    for seed in range(12):
+        plain, distracted = draw_example(SPEC, random.Random(seed)), draw_example(with_them, random.Random(seed))
+        named = REGIONS[2].index(next(name for name in REGIONS[2] if f"in the {name} part" in plain.question))
+        assert _cells_with_a_square(SPEC, plain.image) == [named]
+        assert _cells_with_a_square(with_them, distracted.image) == [0, 1, 2, 3]
+        # the named square, its answer and the question are drawn before the distractors
+        assert (distracted.question, distracted.answer, distracted.gold_box) == (plain.question, plain.answer, plain.gold_box)
+
+
+def test_a_miss_crop_that_shows_a_distractor_is_called_the_wrong_part_not_empty(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = SPEC.model_copy(update={"distractors": True})
+    misses = [e for e in synthetic_zoom_traces(tokenizer, spec, 12, BUDGETS, self_correction_fraction=1.0, seed=2)
+              if e.kind == "zoom_miss"]
+    assert misses
+    for example in misses:
+        assert MISS_TEXT_DISTRACTORS in example.assistant_text and MISS_TEXT not in example.assistant_text
+
+
+def test_distractors_need_a_named_cell():
+    with pytest.raises(ValidationError, match="distractors"):
+        SyntheticZoomSpec(distractors=True)
 
 
 def test_a_square_too_large_for_its_cell_is_refused():
