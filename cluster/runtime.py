@@ -62,7 +62,7 @@ def machine_info() -> dict:
     """What this process's float32 CPU math ran on. One seed gives the same weights, bit for bit,
     on one machine and software; torch's kernels for another CPU capability (AVX2, AVX-512, or
     ATEN_CPU_CAPABILITY=default) round differently, and over hundreds of optimizer steps that
-    gives another model (README, "Learning demonstration"). So runs are compared with this recorded."""
+    gives another model (benchmarks/LEARNING.md, "Why runs differ"). So runs are compared with this recorded."""
     import torch
 
     cpuinfo = Path("/proc/cpuinfo")

@@ -116,7 +116,7 @@ def rewarded_operations(trajectory: Trajectory, max_crop_area: float = 1.0, coun
     (the paper's n_vo), less crops covering more than `max_crop_area` of their image and, unless
     `count_failed`, calls that returned an execution error. Either pays the curiosity bonus for
     seeing nothing new, and RL learned both: whole-image crops, then malformed calls that never
-    reach an answer (README, "Learning demonstration")."""
+    reach an answer (benchmarks/LEARNING.md, "A checked warm start")."""
     return sum(1 for op in trajectory.visual_operations
                if (op.ok or count_failed) and (op.area_fraction is None or op.area_fraction <= max_crop_area + 1e-9))
 
