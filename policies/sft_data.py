@@ -404,7 +404,7 @@ def synthetic_zoom_traces(
         raise ValueError(f"direct_answers must be 'task' or 'likeliest', not {direct_answers!r}")
     guess = likeliest_answer(spec) if direct_answers == "likeliest" and direct_fraction else None
     closeup_spec = spec.model_copy(update={"prior_fraction": None}) if closeup_answers == "uniform" else spec
-    rng = random.Random(derive_seed("sft-traces", spec.model_dump_json(exclude={"num_train", "num_eval"}), seed))
+    rng = random.Random(derive_seed("sft-traces", spec.stream_key(), seed))
     examples = []
     for index in range(count):
         kind = "zoom"

@@ -62,6 +62,9 @@ class ZoomExample(NamedTuple):
     region_box: list[float] | None  # normalized cell named by the question (region_hint), else None
 
 
+ADDED_LATER = {"distractors": False}  # fields added to the spec later, and their defaults
+
+
 class SyntheticZoomSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -95,6 +98,13 @@ class SyntheticZoomSpec(BaseModel):
         if self.distractors and not self.region_hint:
             raise ValueError("distractors need region_hint: without a named cell the question has no one square")
         return self
+
+    def stream_key(self) -> str:
+        """The task's parameters as a random stream's seed sees them: without the split sizes (a
+        trace does not depend on them), and without fields added after streams were first drawn
+        while those sit at their default, so adding a field redraws no existing task's traces."""
+        later = {name for name, default in ADDED_LATER.items() if getattr(self, name) == default}
+        return self.model_dump_json(exclude={"num_train", "num_eval", *later})
 
     def cache_key(self) -> str:
         import hashlib

@@ -88,6 +88,16 @@ def test_a_miss_crop_that_shows_a_distractor_is_called_the_wrong_part_not_empty(
         assert MISS_TEXT_DISTRACTORS in example.assistant_text and MISS_TEXT not in example.assistant_text
 
 
+def test_a_field_added_later_leaves_the_presets_trace_stream_alone():
+    from cluster.config import load_config
+    from policies.episode import derive_seed
+
+    spec = load_config("zoom-curiosity").data.synthetic
+    # the seed of the preset's SFT traces before `distractors` existed: its warm start stays the same draw
+    assert derive_seed("sft-traces", spec.stream_key(), 0) == 4389657229017378581
+    assert spec.model_copy(update={"distractors": True}).stream_key() != spec.stream_key()
+
+
 def test_distractors_need_a_named_cell():
     with pytest.raises(ValidationError, match="distractors"):
         SyntheticZoomSpec(distractors=True)
