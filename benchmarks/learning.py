@@ -301,6 +301,7 @@ def log_to_mlflow(workdir: Path, config_name: str, results: dict, plot_path: Pat
             rates = results["rates"]
             mlflow.log_metrics({"seeds": rates["seeds"], "all_goals_met": rates["all_goals_met"],
                                 **{f"lift/{k}": v for k, v in rates["lift"].items()},
+                                **{f"final_rapr/{k}": v for k, v in rates["final_rapr"].items() if v is not None},
                                 **{f"seed{seed}/lift": r["lift"] for seed, r in results["per_seed"].items()}})
         else:
             mlflow.log_metrics({"warm_start/accuracy": results["warm_start"]["accuracy"], "lift": results["lift"],

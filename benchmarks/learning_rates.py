@@ -3,7 +3,9 @@
 
 One RL draw is not a result here: from the same warm start the RL seed (prompt order, sampling)
 alone has moved the lift from 0 to 17 points and decided whether the alpha = 0 run falls into the
-trap (README, "Why runs differ"). So the report counts, per goal, the seeds that met it.
+trap (README, "Why runs differ"). So the report counts, per goal, the seeds that met it, and
+compares the two runs' final RaPR seed by seed (a sign test): whether RL without the bonus zooms
+less than RL with it is a claim about the population of draws, which a rate can support.
 """
 from __future__ import annotations
 
@@ -23,6 +25,27 @@ def across_seeds(per_seed: dict[str, dict]) -> dict:
         "goals_met": {goal: sum(results["goals"][goal] for results in per_seed.values()) for goal in goals},
         "all_goals_met": sum(all(results["goals"].values()) for results in per_seed.values()),
         "lift": {"mean": fmean(lifts), "min": min(lifts), "max": max(lifts)},
+        "final_rapr": paired_final_rapr(per_seed),
+    }
+
+
+def paired_final_rapr(per_seed: dict[str, dict]) -> dict:
+    """Each arm's mean final RaPR, and per seed whether the alpha = 0 run ended below, level with or
+    above the curiosity run (same seed, same warm start: a pair). `sign_test_p` is the one-sided
+    sign test of "alpha = 0 ends below more often than above" over the untied pairs (None when all
+    tie): the chance of at least this many "below" if neither direction were likelier."""
+    from scipy.stats import binomtest
+
+    pairs = [(results["final"]["no-curiosity"]["rapr"], results["final"]["curiosity"]["rapr"])
+             for results in per_seed.values()]
+    below = sum(without < with_bonus for without, with_bonus in pairs)
+    above = sum(without > with_bonus for without, with_bonus in pairs)
+    untied = below + above
+    return {
+        "curiosity_mean": fmean(with_bonus for _, with_bonus in pairs),
+        "no_curiosity_mean": fmean(without for without, _ in pairs),
+        "alpha0_below": below, "level": len(pairs) - untied, "alpha0_above": above,
+        "sign_test_p": binomtest(below, untied, 0.5, alternative="greater").pvalue if untied else None,
     }
 
 
@@ -50,6 +73,11 @@ def format_rates_table(per_seed: dict[str, dict], rates: dict) -> str:
     lift = rates["lift"]
     lines.append(f"lift with curiosity: mean {lift['mean'] * 100:+.1f} points "
                  f"(min {lift['min'] * 100:+.1f}, max {lift['max'] * 100:+.1f})")
+    rapr = rates["final_rapr"]
+    p_value = "-" if rapr["sign_test_p"] is None else f"{rapr['sign_test_p']:.3f}"
+    lines.append(f"final RaPR: curiosity mean {rapr['curiosity_mean']:.2f}, alpha 0 mean {rapr['no_curiosity_mean']:.2f}; "
+                 f"alpha 0 below / level / above: {rapr['alpha0_below']} / {rapr['level']} / {rapr['alpha0_above']} "
+                 f"(one-sided sign test p = {p_value})")
     return "\n".join(lines)
 
 

@@ -193,3 +193,21 @@ def test_the_rates_table_counts_seeds_per_goal():
     assert "60% / 40%" in format_rates_table(per_seed, across_seeds(per_seed)).splitlines()[2]
     with pytest.raises(ValueError):
         across_seeds({})
+
+
+def test_the_rates_compare_final_rapr_seed_by_seed():
+    from benchmarks.learning_rates import across_seeds, format_rates_table
+
+    def pair(curiosity_rapr: float, alpha0_rapr: float) -> dict:
+        return results_of({"curiosity": curve([0.5, 0.8], [0.0, curiosity_rapr]),
+                           "no-curiosity": curve([0.5, 0.5], [0.0, alpha0_rapr])}, {})
+
+    per_seed = {str(seed): pair(1.0, 0.0) for seed in range(6)} | {"6": pair(1.0, 1.0), "7": pair(0.5, 0.75)}
+    rapr = across_seeds(per_seed)["final_rapr"]
+    assert (rapr["alpha0_below"], rapr["level"], rapr["alpha0_above"]) == (6, 1, 1)
+    assert rapr["curiosity_mean"] == pytest.approx(7.5 / 8) and rapr["no_curiosity_mean"] == pytest.approx(1.75 / 8)
+    assert rapr["sign_test_p"] == pytest.approx(8 / 128)  # P(at least 6 of 7 fair coin flips below) = (7 + 1) / 2^7
+    assert "alpha 0 below / level / above: 6 / 1 / 1 (one-sided sign test p = 0.062)" in \
+        format_rates_table(per_seed, across_seeds(per_seed))
+    all_level = across_seeds({"0": pair(1.0, 1.0)})["final_rapr"]
+    assert all_level["sign_test_p"] is None and all_level["level"] == 1
