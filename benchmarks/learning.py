@@ -239,6 +239,10 @@ def format_table(results: dict) -> str:
             lines.append(f"{name}, first {EARLY_STEPS} steps (sampled): answers with a visual operation "
                          f"{split['pixel_reasoning']:.0%} right, without {split['text_only']:.0%}")
     for name, c in results["curves"].items():
+        sampled = hit_rate_trend(c, "train_rapr")
+        if sampled:  # greedy RaPR is all or nothing here; the sampled share tells a lasting trap from a slow one
+            lines.append(f"{name}, RaPR of the training batches (sampled): first {EARLY_STEPS} steps "
+                         f"{sampled[0]:.2f}, last {EARLY_STEPS} {sampled[1]:.2f}")
         trend = hit_rate_trend(c)
         if trend:
             lines.append(f"{name}, crops holding the named square (sampled): first {EARLY_STEPS} steps "

@@ -56,16 +56,26 @@ def _early_payoff(results: dict) -> str:
     return f"{split['pixel_reasoning']:.0%} / {split['text_only']:.0%}" if split else "-"
 
 
+LATE_STEPS = 5
+
+
+def _late_sampled_rapr(results: dict) -> str:
+    """The alpha = 0 run's RaPR in its last training batches (sampled): near 0 in a lasting trap,
+    while a run that the greedy measure counts as trapped can still be zooming there."""
+    rapr = results["curves"]["no-curiosity"].get("train_rapr", [])[-LATE_STEPS:]
+    return f"{fmean(rapr):.2f}" if rapr else "-"
+
+
 def format_rates_table(per_seed: dict[str, dict], rates: dict) -> str:
     header = (f"{'RL seed':<9}{'warm start':>11}{'curiosity acc/RaPR':>20}{'alpha 0 acc/RaPR':>18}"
-              f"{'alpha 0 early zooms/guesses right':>35}{'lift':>8}  goals")
+              f"{'alpha 0 early zooms/guesses right':>35}{'alpha 0 late sampled RaPR':>27}{'lift':>8}  goals")
     lines = [header]
     for seed, results in per_seed.items():
         final = results["final"]
         lines.append(f"{seed:<9}{results['warm_start']['accuracy']:>11.3f}"
                      f"{final['curiosity']['accuracy']:>13.3f} / {final['curiosity']['rapr']:.2f}"
                      f"{final['no-curiosity']['accuracy']:>11.3f} / {final['no-curiosity']['rapr']:.2f}"
-                     f"{_early_payoff(results):>35}"
+                     f"{_early_payoff(results):>35}{_late_sampled_rapr(results):>27}"
                      f"{results['lift'] * 100:>+8.1f}  {sum(results['goals'].values())} of {len(results['goals'])}")
     count = rates["seeds"]
     lines += [f"[{met} of {count} seeds] {goal}" for goal, met in rates["goals_met"].items()]

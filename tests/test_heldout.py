@@ -82,6 +82,14 @@ def test_the_report_says_whether_the_zooms_got_better():
     assert "curiosity, share of the image a crop covers: first 5 steps 25%, last 5 100%" in table
 
 
+def test_the_report_tells_a_lasting_trap_from_a_slow_one_by_the_sampled_rapr():
+    lasting = {**curve([0.5] * 3, [0.0] * 3), "train_rapr": [0.4] * 5 + [0.2] * 10 + [0.0] * 4 + [0.05]}
+    slow = {**curve([0.5] * 3, [0.0] * 3), "train_rapr": [0.3] * 5 + [0.4] * 10 + [0.5, 0.6, 0.7, 0.6, 0.6]}
+    table = format_table(results_of({"curiosity": slow, "no-curiosity": lasting}, {}))
+    assert "no-curiosity, RaPR of the training batches (sampled): first 5 steps 0.40, last 5 0.01" in table
+    assert "curiosity, RaPR of the training batches (sampled): first 5 steps 0.30, last 5 0.60" in table
+
+
 def test_the_benchmark_redraws_a_warm_start_that_missed_the_skill_gate(tmp_path, monkeypatch):
     import json
 
@@ -186,7 +194,7 @@ def test_the_rates_table_counts_seeds_per_goal():
     assert "all goals met together: 1 of 2 seeds" in table
     assert "[1 of 2 seeds] curiosity run keeps RaPR >= 0.3" in table
     assert "mean +15.0 points (min +0.0, max +30.0)" in table
-    assert table.splitlines()[1].split()[-5] == "-"  # these curves have no with / without split
+    assert table.splitlines()[1].split()[-6:-4] == ["-", "0.00"]  # no with / without split; late sampled RaPR
     early = {**curve([0.5, 0.5], [0.0, 0.0]), "train_accuracy_pixel_reasoning": [0.6, None],
              "train_accuracy_text_only": [0.4, 0.5]}
     per_seed["1"] = results_of({"curiosity": curve([0.5, 0.5], [0.0, 0.0]), "no-curiosity": early}, {})
