@@ -43,6 +43,9 @@ PRESET = "zoom-curiosity"
 RUNS = (("curiosity", []), ("no-curiosity", ["reward.curiosity.alpha=0"]))
 GOAL_LIFT = 0.15  # RL with curiosity over warm start alone, held-out accuracy
 GOAL_RAPR = 0.3
+# A trapped run answers every question without zooming; one that stops answering (every response
+# cut off at the token limit) has collapsed, and its RaPR of 0 is not the trap.
+MIN_ANSWERED_RATE = 0.9
 
 
 def seed_list(text: str) -> list[int]:
@@ -148,6 +151,7 @@ def curve(summary: dict) -> dict[str, list[float]]:
         "eval_steps": [e["steps_done"] for e in evaluations],
         "eval_accuracy": [e["eval/accuracy"] for e in evaluations],
         "eval_rapr": [e["eval/rapr"] for e in evaluations],
+        "eval_answered_rate": [e.get("eval/answered_rate") for e in evaluations],
         "train_steps": [h["step"] + 1 for h in summary["history"]],
         "train_rapr": [h["metrics"]["rollout/rapr"] for h in summary["history"]],
         "train_accuracy": [h["metrics"]["reward/accuracy"] for h in summary["history"]],
@@ -167,18 +171,28 @@ def results_of(curves: dict[str, dict], timings: dict[str, float]) -> dict:
     warm_start = with_curiosity["eval_accuracy"][0]
     final = {name: {"accuracy": c["eval_accuracy"][-1], "rapr": c["eval_rapr"][-1]} for name, c in curves.items()}
     lift = final["curiosity"]["accuracy"] - warm_start
+    collapsed = [name for name, c in curves.items() if final_answered_rate(c) < MIN_ANSWERED_RATE]
     goals = {
         f"curiosity lifts held-out accuracy by >= {GOAL_LIFT:.2f}": lift >= GOAL_LIFT,
         f"curiosity run keeps RaPR >= {GOAL_RAPR}": final["curiosity"]["rapr"] >= GOAL_RAPR,
-        "alpha=0 run's RaPR ends below the curiosity run's": final["no-curiosity"]["rapr"] < final["curiosity"]["rapr"],
+        "alpha=0 run's RaPR ends below the curiosity run's": (final["no-curiosity"]["rapr"] < final["curiosity"]["rapr"]
+                                                              and "no-curiosity" not in collapsed),
     }
     return {
         "warm_start": {"accuracy": warm_start, "rapr": with_curiosity["eval_rapr"][0],
                        "accuracy_seen_by_alpha0_run": without["eval_accuracy"][0]},
         "final": final, "lift": lift, "goals": goals, "curves": curves, "wall_s": timings,
+        "collapsed": collapsed,  # runs that ended answering < MIN_ANSWERED_RATE of the held-out questions
         # whether zooming paid when RL started: what decides the alpha = 0 run (README)
         "early_split": {name: early_split(c) for name, c in curves.items()},
     }
+
+
+def final_answered_rate(c: dict) -> float:
+    """The share of held-out questions the run's last evaluation answered (1.0 for results kept
+    before the rate was)."""
+    rate = (c.get("eval_answered_rate") or [None])[-1]
+    return 1.0 if rate is None else rate
 
 
 EARLY_STEPS = 5
@@ -251,6 +265,9 @@ def format_table(results: dict) -> str:
         if area:  # a crop holding the square can be the whole image: no zoom at all
             lines.append(f"{name}, share of the image a crop covers: first {EARLY_STEPS} steps {area[0]:.0%}, "
                          f"last {EARLY_STEPS} {area[1]:.0%}")
+    for name in results.get("collapsed", []):
+        lines.append(f"{name} COLLAPSED: its last evaluation answered {final_answered_rate(results['curves'][name]):.0%} "
+                     f"of the held-out questions (a trap answers them all without zooming)")
     lines.append(f"lift with curiosity: {results['lift'] * 100:+.1f} points")
     lines += [f"[{'met' if met else 'NOT met'}] {goal}" for goal, met in results["goals"].items()]
     lines.append("wall: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in results["wall_s"].items()))

@@ -43,6 +43,19 @@ def test_learning_report_checks_each_goal_against_the_curves():
     assert table.count("NOT met") == 3 and "+5.0 points" in table
 
 
+def test_a_collapsed_alpha0_run_is_not_the_trap():
+    """Every response cut off at the token limit scores RaPR 0 too; the goal asks for a run that
+    still answers without zooming."""
+    collapsed = {**curve([0.5, 0.9, 0.0], [0.0, 1.0, 0.0]), "eval_answered_rate": [1.0, 1.0, 0.0]}
+    results = results_of({"curiosity": curve([0.5, 0.9, 0.9], [0.0, 1.0, 1.0]), "no-curiosity": collapsed}, {})
+    assert results["collapsed"] == ["no-curiosity"]
+    assert not results["goals"]["alpha=0 run's RaPR ends below the curiosity run's"]
+    assert "no-curiosity COLLAPSED: its last evaluation answered 0% of the held-out questions" in format_table(results)
+    trapped = {**curve([0.5, 0.5, 0.5], [0.0, 0.0, 0.0]), "eval_answered_rate": [1.0, 1.0, 0.98]}
+    results = results_of({"curiosity": curve([0.5, 0.9, 0.9], [0.0, 1.0, 1.0]), "no-curiosity": trapped}, {})
+    assert results["collapsed"] == [] and all(results["goals"].values())
+
+
 def test_learning_report_shows_the_warm_starts_skills():
     results = results_of({"curiosity": curve([0.30, 0.50], [0.0, 1.0]), "no-curiosity": curve([0.30, 0.30], [0.0, 0.0])}, {})
     results["warm_start"]["skills"] = {"reading": {"accuracy": 0.75, "count": 4, "confusion": {}},
