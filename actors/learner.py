@@ -21,7 +21,7 @@ import ray
 
 from actors.learner_inbox import ShareInbox
 from actors.weight_sync import nontemporal_copy_env
-from policies.batching import TrainSample, collate, mini_batches, token_logprobs
+from policies.batching import TrainSample, collate, mini_batch_count, mini_batches, token_logprobs
 from policies.losses import micro_batch_policy_loss
 
 
@@ -363,6 +363,7 @@ class LearnerGroup:
         self.trainer = trainer
         world = trainer.num_learners
         self.updates_per_step = updates_per_step
+        self.samples_per_step = samples_per_step
         self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(samples_per_step, updates_per_step)
         self.placement_group = reserve_learner_placement(trainer)  # None: no placement group (default)
         self.actors = [Learner.options(**learner_actor_options(trainer, self.placement_group, rank)).remote()
@@ -402,7 +403,8 @@ class LearnerGroup:
         learners train the current one, so neither the driver's pickling nor the learners' fetch
         and unpickling of a share is on the serial learner stage."""
         steps = []
-        for batch in mini_batches(samples, self.updates_per_step):
+        count = mini_batch_count(len(samples), self.samples_per_step, self.updates_per_step, self.trainer.fixed_mini_batch)
+        for batch in mini_batches(samples, count):
             shares, filler, global_tokens = self._split(batch)
             key, filler_ref = next(_STAGE_KEYS), ray.put(filler)
             deliveries = [actor.receive.remote(key, share, filler_ref) for actor, share in zip(self.actors, shares)]

@@ -509,6 +509,7 @@ class SimulatedLearnerGroup:
         self.trainer = trainer
         world = trainer.num_learners
         self.updates_per_step = updates_per_step
+        self.samples_per_step = samples_per_step
         self.gradient_accumulation_steps = trainer.gradient_accumulation_steps(samples_per_step, updates_per_step)
         self.placement_group = None  # simulated learners sleep: nothing to place
         self.actors = [SimulatedLearner.options(num_cpus=trainer.num_cpus_per_learner).remote() for _ in range(world)]

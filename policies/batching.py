@@ -6,6 +6,7 @@ behaviour log-probs and advantages are expanded alongside (0 on the inserted pad
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,6 +36,16 @@ class TrainSample:
     @property
     def num_trained_tokens(self) -> int:
         return int(np.count_nonzero(self.loss_mask))
+
+
+def mini_batch_count(kept: int, samples_per_step: int, updates_per_step: int, fixed_mini_batch: bool) -> int:
+    """Optimizer steps for a step that kept `kept` of its planned `samples_per_step` samples:
+    `updates_per_step`, or with `fixed_mini_batch` one per full share of samples_per_step /
+    updates_per_step (a last, partial share included), at most `updates_per_step` and at least 1."""
+    if not fixed_mini_batch:
+        return updates_per_step
+    share = math.ceil(samples_per_step / updates_per_step)
+    return max(1, min(updates_per_step, math.ceil(kept / share)))
 
 
 def mini_batches(samples: list, count: int) -> list[list]:

@@ -88,6 +88,17 @@ def test_mini_batches_split_a_step_across_prompt_groups():
     assert mini_batches(samples, 1) == [samples]
 
 
+def test_a_fixed_mini_batch_makes_fewer_optimizer_steps_when_fewer_samples_were_kept():
+    from policies.batching import mini_batch_count
+
+    assert mini_batch_count(24, 64, 4, fixed_mini_batch=False) == 4  # four steps of 6 samples
+    assert mini_batch_count(24, 64, 4, fixed_mini_batch=True) == 2  # shares of 16: one full, one of 8
+    assert mini_batch_count(64, 64, 4, fixed_mini_batch=True) == 4  # a full step: as before
+    assert mini_batch_count(3, 64, 4, fixed_mini_batch=True) == 1
+    assert mini_batch_count(80, 64, 4, fixed_mini_batch=True) == 4  # replayed extras: never more steps
+    assert mini_batch_count(5, 4, 1, fixed_mini_batch=True) == 1
+
+
 def test_gradient_accumulation_covers_each_update_s_share_of_the_step():
     from cluster.config import TrainerConfig
 
