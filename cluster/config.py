@@ -109,7 +109,7 @@ class TrainerConfig(Section):
     # (verl's fixed ppo_mini_batch_size), so a step whose filter kept fewer samples (zero-variance
     # groups dropped) makes fewer optimizer steps. False: always updates_per_step steps, on smaller
     # mini-batches then; 4 steps of 6 samples at lr 2e-4 preceded a collapse in the learning
-    # demonstration (benchmarks/LEARNING.md, "A collapse").
+    # demonstration (benchmarks/LEARNING.md, "The collapse").
     fixed_mini_batch: bool = False
     gradient_clipping: float = Field(default=1.0, gt=0)
     advantage: Literal["mean", "mean_std"] = "mean"
