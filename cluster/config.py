@@ -105,8 +105,8 @@ class TrainerConfig(Section):
     # ppo_mini_batch_size = batch / this), each one optimizer step; the eps_low/eps_high clip then
     # bounds how far the later ones move from the behaviour policy. 1: one step on the whole batch.
     updates_per_step: int = Field(default=1, ge=1)
-    # True: every optimizer step takes a full share, samples_per_step / updates_per_step samples
-    # (verl's fixed ppo_mini_batch_size), so a step whose filter kept fewer samples (zero-variance
+    # True: one optimizer step per share of samples_per_step / updates_per_step samples kept, rounded
+    # up (as verl's fixed ppo_mini_batch_size), so a step whose filter kept fewer samples (zero-variance
     # groups dropped) makes fewer optimizer steps. False: always updates_per_step steps, on smaller
     # mini-batches then; 4 steps of 6 samples at lr 2e-4 preceded a collapse in the learning
     # demonstration (benchmarks/LEARNING.md, "The collapse").

@@ -40,8 +40,8 @@ class TrainSample:
 
 def mini_batch_count(kept: int, samples_per_step: int, updates_per_step: int, fixed_mini_batch: bool) -> int:
     """Optimizer steps for a step that kept `kept` of its planned `samples_per_step` samples:
-    `updates_per_step`, or with `fixed_mini_batch` one per full share of samples_per_step /
-    updates_per_step (a last, partial share included), at most `updates_per_step` and at least 1."""
+    `updates_per_step`, or with `fixed_mini_batch` as many as the kept samples fill shares of
+    samples_per_step / updates_per_step (rounded up), at most `updates_per_step` and at least 1."""
     if not fixed_mini_batch:
         return updates_per_step
     share = math.ceil(samples_per_step / updates_per_step)

@@ -92,7 +92,7 @@ def test_a_fixed_mini_batch_makes_fewer_optimizer_steps_when_fewer_samples_were_
     from policies.batching import mini_batch_count
 
     assert mini_batch_count(24, 64, 4, fixed_mini_batch=False) == 4  # four steps of 6 samples
-    assert mini_batch_count(24, 64, 4, fixed_mini_batch=True) == 2  # shares of 16: one full, one of 8
+    assert mini_batch_count(24, 64, 4, fixed_mini_batch=True) == 2  # 24 samples are 2 shares of 16 (rounded up): 2 steps of 12
     assert mini_batch_count(64, 64, 4, fixed_mini_batch=True) == 4  # a full step: as before
     assert mini_batch_count(3, 64, 4, fixed_mini_batch=True) == 1
     assert mini_batch_count(80, 64, 4, fixed_mini_batch=True) == 4  # replayed extras: never more steps
