@@ -9,7 +9,10 @@
   the question names (what the traces teach); also reported: the share of boxes that hold the
   square at all, and the share where, of the grid's cells' box texts, the named cell's is the
   likeliest (a model can rank the right cell first and still decode another box: a greedy decoder
-  commits to one coordinate at a time).
+  commits to one coordinate at a time); and, per named cell, the chance that sampling at
+  temperature 1 writes each cell's box (`box_sampled`, rows: the named cell, row-major): how
+  often RL's rollouts try the right zoom at all, and where the rest go (a row whose mass sits on
+  the cells of one row or column of the grid is a box whose other coordinate ignores the name).
 
 RL needs both: a model that zooms into the wrong cell, or zooms right and misreads, gains nothing
 from zooming. Examples are freshly drawn (their own random stream) with uniform answers, so a
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from statistics import fmean
 
 PROBE_SEED = 977  # the probe's own trace stream (SFT uses the config's seed)
 ANSWER_PREFIX = "The square is"  # policies.sft_data.answer_text
@@ -92,6 +97,7 @@ class SkillProbe:
         # the box starts after the bracket: the calls' shared text before it is teacher-forced
         start = 1 + max(i for i in range(_common_prefix(calls)) if self.tokenizer.decode(calls[0][i:i + 1]).endswith("["))
         decoded_right = likeliest_right = holds_square = 0
+        sampled: dict[int, list[list[float]]] = defaultdict(list)  # named cell -> P(sampling each cell's box)
         for example in self._traces(count, self_correction_fraction=0.0):
             ids = example.token_ids
             end = _last_end(ids, calls[0][:start])  # the trace's (only) crop call, up to its box
@@ -103,12 +109,15 @@ class SkillProbe:
                 log_probs = self._log_probs(ids[:end] + box, example.images[:1])
                 scores.append(sum(log_probs[len(log_probs) - len(box) - 1 + k, t].item() for k, t in enumerate(box)))
             likeliest_right += cells[max(range(len(cells)), key=scores.__getitem__)] == named
+            sampled[cells.index(named)].append([math.exp(score) for score in scores])
             decoded = self._greedy_box(ids[:end], example.images[:1])
             if decoded is not None:
                 decoded_right += _same_box(decoded, named)
                 holds_square += _holds(decoded, gold)
         return {"accuracy": decoded_right / count, "holds_square": holds_square / count,
-                "likeliest_cell_accuracy": likeliest_right / count, "count": count, "cells": len(cells)}
+                "likeliest_cell_accuracy": likeliest_right / count, "count": count, "cells": len(cells),
+                "named_box_sampled": fmean(row[cell] for cell, rows in sampled.items() for row in rows),
+                "box_sampled": {cell: [fmean(column) for column in zip(*rows)] for cell, rows in sorted(sampled.items())}}
 
     def _greedy_box(self, prefix: list[int], images: list, max_tokens: int = 24) -> list[float] | None:
         """The box the model writes after `prefix` (which ends where the box's numbers start), by

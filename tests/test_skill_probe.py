@@ -35,6 +35,11 @@ def test_probe_reads_and_localizes_every_example_once(tiny_model_dir):
     quarters = {0.0, 0.25, 0.5, 0.75, 1.0}
     assert {localization["accuracy"], localization["holds_square"], localization["likeliest_cell_accuracy"]} <= quarters
     assert localization["accuracy"] <= localization["holds_square"]  # the named cell holds the square
+    rows = localization["box_sampled"]  # only cells some example named; a row can sum to < 1 (other boxes)
+    assert rows and set(rows) <= {0, 1, 2, 3}
+    assert all(len(row) == 4 and all(0 < p < 1 for p in row) and sum(row) <= 1 + 1e-6 for row in rows.values())
+    named = [row[cell] for cell, row in rows.items()]
+    assert min(named) <= localization["named_box_sampled"] <= max(named)
 
 
 def test_localization_is_not_probed_without_a_named_cell(tiny_model_dir):
